@@ -7,3 +7,69 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def tiny_bert_config(**overrides: object):
+    """A 2-layer BERT small enough to train in milliseconds, with the real MiniLM vocabulary size."""
+    from transformers import BertConfig
+
+    values = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny BertModel saved with the embedded MiniLM tokenizer (no download)."""
+    import torch
+    from transformers import AutoModel
+
+    from fl.model import default_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_bert_config()).save_pretrained(folder)
+    source = default_model_path()
+    for name in ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+BIO_WORDS = ["heart", "kidney", "liver", "brain", "skin", "bone"]
+LEGAL_WORDS = ["warranty", "copyleft", "patent", "permissive", "liability", "redistribution"]
+
+
+def write_domain_csv(path: Path, words: list[str], n: int, seed: int) -> Path:
+    """A learnable toy domain: the label is the keyword the sentence mentions (3 classes)."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 3
+            filler = " ".join(rng.choice(words[3:]) for _ in range(4))
+            writer.writerow([f"this is about the {words[label]} and {filler}", f"class-{label}"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_csvs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("toy-data")
+    return (
+        write_domain_csv(folder / "bio.csv", BIO_WORDS, 120, 0),
+        write_domain_csv(folder / "legal.csv", LEGAL_WORDS, 120, 1),
+    )

@@ -1,0 +1,115 @@
+"""The reference points a merge is judged against, all trained with the federated runs' budget.
+
+base: the frozen pretrained encoder with linear-probe heads (every other model starts from it);
+experts: one per domain, trained only on that domain for rounds x local_steps steps and scored on
+every domain with each domain's own head (so an expert's other-domain score shows its forgetting);
+multi-task: one model trained centrally on all domains, the same steps per domain;
+one-shot average: the experts merged once with the federated rule; ensemble: each domain routed to
+its own expert, the upper bound a single merged model tries to reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fl.batches import Encoded, encode
+from fl.config import RunConfig
+from fl.data import DomainData, load_domain
+from fl.evaluation import Score, evaluate, pooled_features
+from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer
+from fl.probe import fit_probe
+from fl.training import train
+from strategies.aggregation import weighted_mean
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+Scores = dict[str, Score]
+
+
+@dataclass
+class Workbench:
+    """Everything the phases share: data, tokenised sets, one model object reused for scoring."""
+
+    config: RunConfig
+    model_path: str
+    data: dict[str, DomainData]
+    train_sets: dict[str, Encoded]
+    test_sets: dict[str, Encoded]
+    model: MultiHeadEncoder
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def label_names(self) -> dict[str, tuple[str, ...]]:
+        return {d: self.data[d].train.label_names for d in self.data}
+
+    def score(self, state: Mapping[str, torch.Tensor]) -> Scores:
+        self.model.load_state_dict(state)
+        return {d: evaluate(self.model, d, self.test_sets[d]) for d in self.test_sets}
+
+
+def load_data(config: RunConfig) -> dict[str, DomainData]:
+    return {
+        name: load_domain(
+            name,
+            source,
+            train_size=config.train_size,
+            test_size=config.test_size,
+            seed=config.seed,
+            text_column=config.text_column,
+            label_column=config.label_column,
+        )
+        for name, source in config.domain_sources.items()
+    }
+
+
+def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainData]) -> Workbench:
+    tokenizer = load_tokenizer(model_path)
+    train_sets = {d: encode(tokenizer, v.train.texts, v.train.labels, config.max_length) for d, v in data.items()}
+    test_sets = {d: encode(tokenizer, v.test.texts, v.test.labels, config.max_length) for d, v in data.items()}
+    model = build_model(model_path, {d: v.num_labels for d, v in data.items()}, config.seed)
+    return Workbench(config, model_path, data, train_sets, test_sets, model, tokenizer)
+
+
+def fit_base(bench: Workbench) -> tuple[State, Scores]:
+    """Probe heads on the frozen encoder; returns the start state of every other model and its scores."""
+    model = bench.model
+    for domain, data in bench.train_sets.items():
+        head = fit_probe(pooled_features(model, data), data.labels, model.heads[domain].out_features)
+        model.heads[domain].load_state_dict(head.state_dict())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, bench.score(state)
+
+
+def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, seed: int, label: str) -> State:
+    """Train from `start` on the given domains (alternating batches), logging progress."""
+    bench.model.load_state_dict(start)
+    tick = time.monotonic()
+
+    def progress(step: int, domain: str, loss: float) -> None:
+        if step == 0 or (step + 1) % 20 == 0 or step + 1 == steps:
+            log.info("%s: step %d/%d (%s) loss %.4f  %.0fs", label, step + 1, steps, domain, loss, time.monotonic() - tick)
+
+    tasks = [(d, bench.train_sets[d]) for d in domains]
+    train(bench.model, tasks, bench.config.train_settings(steps=steps), seed, progress)
+    return {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
+
+
+def one_shot_average(start: State, experts: Mapping[str, State], weights: Mapping[str, float]) -> State:
+    """Merge each expert's encoder and own head once, with the federated key-wise rule."""
+    merged = dict(start)
+    merged.update(weighted_mean((({k: s[k] for k in domain_keys(s, d)}), weights[d]) for d, s in experts.items()))
+    return merged
+
+
+def ensemble(expert_scores: Mapping[str, Scores]) -> Scores:
+    """Each domain scored by its own expert."""
+    return {domain: scores[domain] for domain, scores in expert_scores.items()}
+
+

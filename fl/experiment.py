@@ -1,0 +1,128 @@
+"""The headline experiment end to end: baselines, one simulation per strategy, and the report.
+
+Every phase logs its progress and its wall time; every model is scored on every domain's test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from fl.baselines import Scores, Workbench, ensemble, fine_tune, fit_base, make_workbench, one_shot_average
+from fl.data import DomainData
+from fl.config import RunConfig
+from fl.model import save_merged
+from fl.report import effects, markdown, plot_curves, table_row, write_json
+from fl.server_app import CentralEvaluator
+from fl.simulation import run_strategy
+
+log = logging.getLogger(__name__)
+
+
+class PhaseClock:
+    """Wall time per phase, logged as each one starts and ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        log.info("== phase: %s", name)
+        tick = time.monotonic()
+        yield
+        self.seconds[name] = round(time.monotonic() - tick, 2)
+        log.info("== phase %s done in %.1f s", name, self.seconds[name])
+
+
+def scores_json(scores: Scores) -> dict[str, dict[str, float]]:
+    return {d: s.summary() for d, s in scores.items()}
+
+
+def run_experiment(
+    config: RunConfig,
+    model_path: str,
+    data: Mapping[str, DomainData],
+    strategies: list[str],
+    out: Path,
+    versions: Mapping[str, str],
+) -> dict[str, object]:
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = PhaseClock()
+    budget = config.rounds * config.local_steps
+    domains = config.domains
+
+    with clock.phase("tokenise and load model"):
+        bench: Workbench = make_workbench(config, model_path, dict(data))
+    with clock.phase("base (linear probes on the frozen encoder)"):
+        start, base_scores = fit_base(bench)
+    models: dict[str, Scores] = {"base": base_scores}
+    experts = {}
+    for i, domain in enumerate(domains):
+        with clock.phase(f"{domain} expert ({budget} steps)"):
+            experts[domain] = fine_tune(bench, start, [domain], budget, config.seed + 101 * (i + 1), f"{domain} expert")
+            models[f"{domain}-expert"] = bench.score(experts[domain])
+    with clock.phase(f"multi-task ({budget} steps per domain)"):
+        multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
+        models["multi-task"] = bench.score(multitask)
+    with clock.phase("one-shot average of the experts"):
+        weights = {d: float(len(bench.train_sets[d])) for d in domains}
+        models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+    models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
+
+    curves = {}
+    histories = {}
+    for name in strategies:
+        with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
+            evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=base_scores)
+            outcome = run_strategy(config, name, start, evaluator)
+            curves[name] = evaluator.history
+            models[name] = evaluator.history[config.rounds]
+            histories[name] = outcome.client_history
+            bench.model.load_state_dict(outcome.final_state)
+            save_merged(bench.model, bench.tokenizer, out / name, bench.label_names)
+
+    with clock.phase("report"):
+        own_experts = {d: models[f"{d}-expert"][d] for d in domains}
+        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", "one-shot-average", "ensemble", *strategies]
+        rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
+        found = effects(models, domains, ["one-shot-average", *strategies], config.seed)
+        header = (
+            f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
+            f"{config.clients_per_domain} client(s) per domain, seed {config.seed}"
+        )
+        (out / "results.md").write_text(markdown(rows, found, domains, header))
+        plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in strategies}, domains)
+    results = {
+        "config": config.to_record(),
+        "strategies-run": strategies,
+        "seed": config.seed,
+        "versions": dict(versions),
+        "domains": {
+            d: {"labels": list(v.train.label_names), "train-examples": len(v.train), "test-examples": len(v.test)}
+            for d, v in data.items()
+        },
+        "baselines": {n: scores_json(models[n]) for n in row_names if n not in strategies},
+        "strategies": {
+            n: {
+                "rounds": [{"round": r, **scores_json(s)} for r, s in sorted(curves[n].items())],
+                "clients": histories[n],
+                "model-dir": str(out / n),
+            }
+            for n in strategies
+        },
+        "table": [
+            {"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows
+        ],
+        "effects": [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found],
+        "wall-seconds": clock.seconds,
+    }
+    write_json(out / "results.json", results)
+    return results

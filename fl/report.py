@@ -1,0 +1,162 @@
+"""Turn scores into the run's results: results.json, results.md and curves.png.
+
+Intervals are 95% percentile bootstraps over test examples. Differences between two models are
+bootstrapped paired (the same resampled examples for both), which is what says whether an effect
+holds beyond noise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fl.evaluation import Score  # noqa: E402
+
+Scores = Mapping[str, Score]
+DRAWS = 2000
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    per_domain: dict[str, tuple[float, float, float]]  # accuracy, ci low, ci high
+    mean: tuple[float, float, float]
+    normalised: tuple[float, float, float]
+
+
+def _resample(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(DRAWS, n))
+
+
+def _ci(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def table_row(name: str, scores: Scores, experts: Scores, seed: int) -> Row:
+    """Accuracy per domain, their mean, and accuracy normalised by each domain's own expert."""
+    domains = list(scores)
+    draws = {d: _resample(len(scores[d].correct), seed + i) for i, d in enumerate(domains)}
+    acc = {d: scores[d].correct[draws[d]].mean(axis=1) for d in domains}
+    ref = {d: experts[d].correct[draws[d]].mean(axis=1) for d in domains}
+    mean_draws = np.mean([acc[d] for d in domains], axis=0)
+    norm_draws = np.mean([acc[d] / np.maximum(ref[d], 1e-9) for d in domains], axis=0)
+    point_mean = float(np.mean([scores[d].accuracy for d in domains]))
+    point_norm = float(np.mean([scores[d].accuracy / max(experts[d].accuracy, 1e-9) for d in domains]))
+    return Row(
+        name,
+        {d: (scores[d].accuracy, *_ci(acc[d])) for d in domains},
+        (point_mean, *_ci(mean_draws)),
+        (point_norm, *_ci(norm_draws)),
+    )
+
+
+def paired_difference(a: Score, b: Score, seed: int) -> tuple[float, float, float]:
+    """accuracy(a) - accuracy(b) on the same test examples, with its paired bootstrap interval."""
+    diff = a.correct.astype(float) - b.correct.astype(float)
+    draws = diff[_resample(len(diff), seed)].mean(axis=1)
+    return (float(diff.mean()), *_ci(draws))
+
+
+@dataclass(frozen=True)
+class Effect:
+    claim: str
+    difference: tuple[float, float, float]
+
+    @property
+    def holds(self) -> bool:
+        """The whole interval lies above zero: the claim holds beyond noise."""
+        return self.difference[1] > 0
+
+
+def effects(models: Mapping[str, Scores], domains: Sequence[str], merged: Sequence[str], seed: int) -> list[Effect]:
+    """The three things the headline should show, each as 'x - y > 0' on one domain's examples."""
+    found: list[Effect] = []
+    for d in domains:
+        own = f"{d}-expert"
+        found.append(Effect(f"{own} beats base on {d}", paired_difference(models[own][d], models["base"][d], seed)))
+    for d in domains:
+        for other in domains:
+            if other != d:
+                expert = f"{other}-expert"
+                found.append(
+                    Effect(f"{expert} loses {d} accuracy vs base", paired_difference(models["base"][d], models[expert][d], seed))
+                )
+    for name in merged:
+        for d in domains:
+            own = f"{d}-expert"
+            for other in domains:
+                if other == d:
+                    continue
+                forgetting = f"{other}-expert"
+                found.append(
+                    Effect(f"{name} above {forgetting} on {d}", paired_difference(models[name][d], models[forgetting][d], seed))
+                )
+            found.append(Effect(f"{name} below {own} on {d}", paired_difference(models[own][d], models[name][d], seed)))
+    return found
+
+
+def _fmt(value: tuple[float, float, float], scale: float = 100.0) -> str:
+    return f"{value[0] * scale:.1f} [{value[1] * scale:.1f}, {value[2] * scale:.1f}]"
+
+
+def markdown(rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str], header: str) -> str:
+    cols = [f"{d} accuracy" for d in domains] + ["mean", "normalised (merged / expert)"]
+    lines = [header, "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [_fmt(row.per_domain[d]) for d in domains] + [_fmt(row.mean), _fmt(row.normalised)]
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Accuracy in %, normalised accuracy as a ratio in %; [95% bootstrap interval over test examples].",
+        "",
+        "| effect | difference (points) [paired 95% interval] | holds beyond noise |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {e.claim} | {_fmt(e.difference)} | {'yes' if e.holds else 'no'} |" for e in found]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    path: Path,
+    curves: Mapping[str, Mapping[int, Scores]],
+    baselines: Mapping[str, Scores],
+    domains: Sequence[str],
+) -> None:
+    """Per-round accuracy of each strategy on each domain, baselines as horizontal lines."""
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    styles = ["--", ":", "-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1))]
+    for ax, domain in zip(axes[0], domains):
+        for (name, scores), style in zip(baselines.items(), styles * 2):
+            ax.axhline(scores[domain].accuracy, linestyle=style, color="grey", linewidth=1)
+            ax.annotate(name, (0, scores[domain].accuracy), fontsize=7, color="dimgrey", va="bottom")
+        for name, rounds in curves.items():
+            xs = sorted(rounds)
+            ax.plot(xs, [rounds[r][domain].accuracy for r in xs], marker="o", label=name)
+        ax.set_title(f"{domain}: global model accuracy per round")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: Mapping[str, object]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

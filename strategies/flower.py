@@ -1,0 +1,118 @@
+"""Thin Flower strategies that merge with fedmerge's key-wise rule instead of Flower's plain mean.
+
+Each client returns the encoder plus the head of its own domain. Every returned key is averaged over
+the clients that sent it, weighted by ``num-examples``, so a domain head is never diluted by clients
+that did not train it; keys nobody sent keep their global value. Replies are checked against the
+global model before anything is averaged, and a round with a failed or missing client raises instead
+of silently keeping the old weights (Flower's default).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from strategies.aggregation import StreamingMean, check_update
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """A training round cannot produce a trustworthy global model."""
+
+
+def describe_client(msg: Message) -> str:
+    info = msg.content.config_records.get("client")
+    name = f"{info['domain']}-{info['partition-id']}" if info and "domain" in info else "?"
+    return f"node {msg.metadata.src_node_id} ({name})"
+
+
+class KeywiseMerge:
+    """Mixin over a Flower FedAvg-family strategy: remembers the global model, merges key-wise."""
+
+    arrayrecord_key: str
+    weighted_by_key: str
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.client_history: list[dict[str, object]] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.expected_replies = len(messages)
+        return messages
+
+    def client_states(self, replies: list[Message]) -> Iterable[tuple[dict[str, torch.Tensor], float]]:
+        """Decode one client at a time (peak memory: one client copy), checked against the global model."""
+        for msg in replies:
+            record = msg.content[self.arrayrecord_key]
+            state = {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
+            check_update(self.global_state, state, describe_client(msg))
+            yield state, float(msg.content["metrics"][self.weighted_by_key])
+
+    def merge(self, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
+        """Key-wise weighted mean; subclasses (alignment) transform client states first."""
+        mean = StreamingMean()
+        for state, weight in self.client_states(replies):
+            mean.add(state, weight)
+        return mean.result()
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        if failed:
+            reasons = "; ".join(f"{describe_client(m)}: {m.error.reason}" for m in failed)
+            raise RoundFailed(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reasons}")
+        if len(replies) < self.expected_replies:
+            raise RoundFailed(
+                f"round {server_round}: {len(replies)} replies for {self.expected_replies} clients (timeout or lost node)"
+            )
+        for msg in replies:
+            if self.weighted_by_key not in msg.content["metrics"]:
+                raise RoundFailed(f"round {server_round}: {describe_client(msg)} sent no '{self.weighted_by_key}'")
+        merged = dict(self.global_state)
+        merged.update(self.merge(server_round, replies))
+        self.client_history.append(
+            {
+                "round": server_round,
+                "clients": [
+                    {"client": describe_client(m), **{k: v for k, v in m.content["metrics"].items()}} for m in replies
+                ],
+            }
+        )
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
+        return ArrayRecord(merged), metrics
+
+
+class MergeFedAvg(KeywiseMerge, FedAvg):
+    """FedAvg (McMahan et al. 2017) with key-wise, head-aware merging."""
+
+
+class MergeFedProx(KeywiseMerge, FedProx):
+    """FedProx (Li et al. 2020): sends ``proximal-mu``; the client adds mu/2 * ||w - w_global||^2 to its loss."""
+
+
+def make_strategy(name: str, num_clients: int, proximal_mu: float, client_eval: bool) -> FedAvg:
+    """Build a registered strategy that trains every client each round."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}': expected one of {', '.join(STRATEGIES)}")
+    common: dict[str, object] = {
+        "fraction_train": 1.0,
+        "min_train_nodes": num_clients,
+        "min_available_nodes": num_clients,
+        "fraction_evaluate": 1.0 if client_eval else 0.0,
+        "min_evaluate_nodes": num_clients if client_eval else 0,
+    }
+    if name == "fedprox":
+        return MergeFedProx(proximal_mu=proximal_mu, **common)
+    return STRATEGIES[name](**common)
+
+
+STRATEGIES: Mapping[str, type[FedAvg]] = {"fedavg": MergeFedAvg, "fedprox": MergeFedProx}

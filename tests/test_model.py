@@ -1,0 +1,53 @@
+"""The multi-head model: keys, client subsets, saving in Hugging Face format, early model checks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from fl.model import ModelError, build_model, check_model, client_state, load_merged, load_tokenizer, save_merged
+
+
+def test_state_keys_are_encoder_and_heads(tiny_model_dir: Path) -> None:
+    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0)
+
+    keys = list(model.state_dict())
+
+    assert all(k.startswith(("encoder.", "heads.bio.", "heads.legal.")) for k in keys)
+    assert model.state_dict()["heads.legal.weight"].shape == (2, 32)
+
+
+def test_client_state_holds_encoder_and_only_own_head(tiny_model_dir: Path) -> None:
+    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0)
+
+    state = client_state(model, "bio")
+
+    assert "heads.bio.weight" in state and "heads.legal.weight" not in state
+    assert any(k.startswith("encoder.") for k in state)
+
+
+def test_saved_model_loads_with_automodel_and_round_trips(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    mask = torch.ones_like(ids)
+
+    save_merged(model, load_tokenizer(str(tiny_model_dir)), tmp_path / "merged", {"bio": "abc", "legal": "xy"})
+    plain = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    again, labels = load_merged(tmp_path / "merged")
+
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).last_hidden_state, model.encoder(input_ids=ids).last_hidden_state)
+        assert torch.allclose(again.eval()("legal", ids, mask), model("legal", ids, mask))
+    assert labels == {"bio": ["a", "b", "c"], "legal": ["x", "y"]}
+
+
+def test_model_path_without_config_is_refused_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_text("not a model")
+
+    with pytest.raises(ModelError, match="not a model folder"):
+        check_model(str(tmp_path))
+
+
+def test_default_model_resolves_offline() -> None:
+    assert Path(check_model("default"), "config.json").is_file()

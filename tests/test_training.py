@@ -1,0 +1,65 @@
+"""Local training: it learns, and the FedProx term is really there after the first batch."""
+
+from pathlib import Path
+
+import torch
+
+from fl.batches import collate, encode
+from fl.model import build_model, load_tokenizer
+from fl.training import TrainSettings, train
+
+TEXTS = ["the heart is large", "the kidney fails", "a bone breaks", "the heart beats fast"] * 4
+LABELS = [0, 1, 2, 0] * 4
+
+
+def tiny(tiny_model_dir: Path):
+    model = build_model(str(tiny_model_dir), {"bio": 3}, seed=0)
+    data = encode(load_tokenizer(str(tiny_model_dir)), TEXTS, LABELS, max_length=16)
+    return model, data
+
+
+def batch_loss(model, data) -> float:
+    batch = collate(data, list(range(len(data))))
+    model.eval()
+    with torch.no_grad():
+        logits = model("bio", batch.input_ids, batch.attention_mask)
+    return torch.nn.functional.cross_entropy(logits, batch.labels).item()
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_model_dir: Path) -> None:
+    model, data = tiny(tiny_model_dir)
+    before = batch_loss(model, data)
+
+    train(model, [("bio", data)], TrainSettings(steps=1, batch_size=len(data), lr=1e-3, head_lr=1e-2), seed=0)
+
+    assert batch_loss(model, data) < before
+
+
+def test_fedprox_term_is_nonzero_on_second_batch_and_zero_without_mu(tiny_model_dir: Path) -> None:
+    model, data = tiny(tiny_model_dir)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with_mu = train(model, [("bio", data)], TrainSettings(steps=3, batch_size=4, proximal_mu=0.5), seed=0)
+    model.load_state_dict(start)
+    without = train(model, [("bio", data)], TrainSettings(steps=3, batch_size=4, proximal_mu=0.0), seed=0)
+
+    assert with_mu.proximal[0] == 0.0  # weights still equal the global ones before the first step
+    assert with_mu.proximal[1] > 0.0 and with_mu.proximal[2] > 0.0
+    assert without.proximal == [0.0, 0.0, 0.0]
+
+
+def test_num_examples_counts_examples_not_batches(tiny_model_dir: Path) -> None:
+    model, data = tiny(tiny_model_dir)
+
+    report = train(model, [("bio", data)], TrainSettings(steps=5, batch_size=3), seed=0)
+
+    assert report.num_examples == 15
+
+
+def test_frozen_word_embeddings_stay_put(tiny_model_dir: Path) -> None:
+    model, data = tiny(tiny_model_dir)
+    before = model.encoder.embeddings.word_embeddings.weight.clone()
+
+    train(model, [("bio", data)], TrainSettings(steps=2, batch_size=4, freeze_word_embeddings=True), seed=0)
+
+    assert torch.equal(model.encoder.embeddings.word_embeddings.weight, before)
