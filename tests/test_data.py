@@ -1,0 +1,308 @@
+"""Tests for fl.data: the embedded sources, user files, splits, subsamples and client partitions."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl import data
+from fl.data import DataError, LabeledTexts
+
+
+def _toy(labels: list[int], groups: list[str] | None = None) -> LabeledTexts:
+    return LabeledTexts(
+        texts=tuple(f"text {i}" for i in range(len(labels))),
+        labels=np.asarray(labels),
+        label_names=tuple(f"c{k}" for k in range(max(labels) + 1)),
+        groups=None if groups is None else tuple(groups),
+    )
+
+
+def _write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- embedded
+
+
+def test_hpo_source_has_23_categories_and_name_definition_texts():
+    hpo = data.load_source("hpo")
+
+    assert len(hpo.label_names) == 23
+    assert 15_000 <= len(hpo) <= 16_500
+    assert set(np.unique(hpo.labels)) == set(range(23))
+    assert list(hpo.label_names) == sorted(hpo.label_names)
+    assert all(": " in text for text in hpo.texts)
+    assert not any(text.endswith(("]", '"')) for text in hpo.texts)
+    index = hpo.texts.index("Hemihypertrophy: Overgrowth of only one side of the body.")
+    assert hpo.label_names[hpo.labels[index]] == "Abnormality of limbs"
+
+
+def test_hpo_source_is_deterministic_and_cached():
+    fresh = data._load_hpo.__wrapped__()
+
+    cached = data.load_source("hpo")
+
+    assert cached is data.load_source("hpo")
+    assert fresh.texts == cached.texts
+    np.testing.assert_array_equal(fresh.labels, cached.labels)
+
+
+def test_hpo_multi_category_rule_follows_first_parent_then_smallest_id():
+    obo = "\n\n".join(
+        [
+            "[Term]\nid: HP:0000118\nname: Phenotypic abnormality",
+            "[Term]\nid: HP:0000200\nname: Top B\nis_a: HP:0000118",
+            "[Term]\nid: HP:0000100\nname: Top A\nis_a: HP:0000118",
+            "[Term]\nid: HP:0000300\nname: Outside",
+            '[Term]\nid: HP:0000400\nname: Under B first\ndef: "D." []\nis_a: HP:0000200\nis_a: HP:0000100',
+            '[Term]\nid: HP:0000500\nname: Outside first\ndef: "D." []\nis_a: HP:0000300\nis_a: HP:0000200'
+            "\nis_a: HP:0000100",
+            '[Term]\nid: HP:0000600\nname: Child\nis_a: HP:0000400',
+            "[Term]\nid: HP:0000700\nname: Gone\nis_a: HP:0000100\nis_obsolete: true",
+        ]
+    )
+    terms = data._parse_obo(obo)
+
+    categories = data._hpo_categories(terms)
+
+    assert categories["HP:0000400"] == "HP:0000200"
+    assert categories["HP:0000500"] == "HP:0000100"
+    assert categories["HP:0000600"] == "HP:0000200"
+    assert "HP:0000300" not in categories and "HP:0000700" not in terms
+    assert terms["HP:0000400"]["definition"] == "D."
+
+
+def test_licenses_source_has_11_categories_grouped_by_licence_key():
+    licenses = data.load_source("licenses")
+
+    assert len(licenses.label_names) == 11
+    assert 12_000 <= len(licenses) <= 15_000
+    assert licenses.groups is not None and len(licenses.groups) == len(licenses)
+    assert all(len(text.split()) <= data.LICENSE_MAX_WORDS for text in licenses.texts)
+    assert not any("{{" in text for text in licenses.texts)
+    mit = [label for label, group in zip(licenses.labels, licenses.groups) if group == "mit"]
+    assert len(mit) > 100 and {licenses.label_names[label] for label in mit} == {"Permissive"}
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_group_split_keeps_each_licence_on_one_side():
+    licenses = data.load_source("licenses")
+
+    train, test = data.stratified_split(licenses, 0.2, seed=0)
+
+    assert not set(train.groups) & set(test.groups)
+    assert len(train) + len(test) == len(licenses)
+    assert 0.15 <= len(test) / len(licenses) <= 0.25
+
+
+def test_stratified_split_is_deterministic_by_seed_and_seeds_differ():
+    hpo = data.load_source("hpo")
+
+    train_a, test_a = data.stratified_split(hpo, 0.2, seed=1)
+    train_b, test_b = data.stratified_split(hpo, 0.2, seed=1)
+    _, test_c = data.stratified_split(hpo, 0.2, seed=2)
+
+    assert test_a.texts == test_b.texts and train_a.texts == train_b.texts
+    assert test_a.texts != test_c.texts
+    assert not set(train_a.texts) & set(test_a.texts)
+
+
+def test_stratified_split_puts_every_class_with_10_examples_in_test():
+    hpo = data.load_source("hpo")
+    counts = np.bincount(hpo.labels)
+
+    train, test = data.stratified_split(hpo, 0.2, seed=0)
+
+    test_counts = np.bincount(test.labels, minlength=len(counts))
+    assert all(test_counts[label] > 0 for label in np.flatnonzero(counts >= 10))
+    assert np.all(np.abs(test_counts - 0.2 * counts) <= 1)
+    assert train.label_names == hpo.label_names
+
+
+def test_stratified_split_keeps_unsplittable_classes_in_train():
+    toy = _toy([0] * 20 + [1] + [2] * 6, groups=[f"a{i}" for i in range(20)] + ["b"] + ["big"] * 6)
+
+    train, test = data.stratified_split(toy, 0.2, seed=0)
+
+    assert 1 not in test.labels and 2 not in test.labels
+    assert np.sum(test.labels == 0) == 4
+    with pytest.raises(DataError, match="1.5"):
+        data.stratified_split(toy, 1.5, seed=0)
+
+
+def test_sample_per_domain_is_stratified_and_deterministic():
+    toy = _toy([0] * 600 + [1] * 300 + [2] * 100)
+
+    sample = data.sample_per_domain(toy, 100, seed=3)
+
+    assert len(sample) == 100
+    assert np.bincount(sample.labels).tolist() == [60, 30, 10]
+    assert sample.texts == data.sample_per_domain(toy, 100, seed=3).texts
+    assert sample.texts != data.sample_per_domain(toy, 100, seed=4).texts
+    assert data.sample_per_domain(toy, None, seed=3) is toy
+
+
+def test_load_domain_splits_and_subsamples(tmp_path):
+    rows = [f"sentence number {i},{'pos' if i % 2 else 'neg'}" for i in range(100)]
+    path = _write_csv(tmp_path / "toy.csv", "text,label", rows)
+
+    domain = data.load_domain("toy", str(path), train_size=30, test_size=10, seed=0)
+
+    assert (len(domain.train), len(domain.test), domain.num_labels) == (30, 10, 2)
+    assert not set(domain.train.texts) & set(domain.test.texts)
+
+
+# ------------------------------------------------------------------------------------------- user files
+
+
+def test_csv_with_custom_columns_maps_string_labels(tmp_path):
+    rows = ["a cat,zoo,1", "a law,court,2", "  ,zoo,3", "a dog,zoo,4"]
+    path = _write_csv(tmp_path / "reviews.csv", "sentence,topic,extra", rows)
+
+    loaded = data.load_source(str(path), text_column="sentence", label_column="topic")
+
+    assert loaded.label_names == ("court", "zoo")
+    assert loaded.texts == ("a cat", "a law", "a dog")
+    assert loaded.labels.tolist() == [1, 0, 1]
+    assert loaded.groups is None
+
+
+def test_jsonl_with_integer_labels_keeps_numeric_order(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    records = [{"body": f"doc {i}", "y": label} for i, label in enumerate([10, 2, 2, 10, 1])]
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="utf-8")
+
+    loaded = data.load_source(str(path), text_column="body", label_column="y")
+
+    assert loaded.label_names == ("1", "2", "10")
+    assert loaded.labels.tolist() == [2, 1, 1, 2, 0]
+
+
+def test_hf_source_reads_a_local_dataset_folder_and_split(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    _write_csv(folder / "train.csv", "text,label", ["good film,pos", "bad film,neg", "fine film,pos"])
+    _write_csv(folder / "test.csv", "text,label", ["great film,pos", "awful film,neg"])
+
+    train = data.load_source(f"hf:{folder}")
+    test = data.load_source(f"hf:{folder}@test")
+
+    assert train.texts == ("good film", "bad film", "fine film") and train.labels.tolist() == [1, 0, 1]
+    assert test.texts == ("great film", "awful film") and test.label_names == ("neg", "pos")
+    with pytest.raises(DataError, match=r"could not be loaded as a dataset: Unknown split"):
+        data.load_source(f"hf:{folder}@validation")
+
+
+def test_hf_source_uses_class_label_names(tmp_path):
+    import datasets
+
+    folder = tmp_path / "classlabel"
+    folder.mkdir()
+    label = datasets.ClassLabel(names=["zeta", "alpha", "mid"])
+    features = datasets.Features({"text": datasets.Value("string"), "label": label})
+    table = datasets.Dataset.from_dict({"text": ["x", "y", "z"], "label": [0, 1, 1]}, features=features)
+    table.to_parquet(str(folder / "train.parquet"))
+
+    loaded = data.load_source(f"hf:{folder}")
+
+    assert loaded.label_names == ("zeta", "alpha", "mid")
+    assert loaded.labels.tolist() == [0, 1, 1]
+
+
+def test_missing_file_is_named():
+    with pytest.raises(DataError, match=r"data file 'nowhere/x\.csv' does not exist"):
+        data.load_source("nowhere/x.csv")
+
+
+def test_unknown_extension_is_named(tmp_path):
+    path = tmp_path / "data.xlsx"
+    path.write_text("irrelevant", encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"data\.xlsx.*\.csv, \.jsonl, \.json"):
+        data.load_source(str(path))
+
+
+def test_missing_column_is_named_with_columns_found(tmp_path):
+    path = _write_csv(tmp_path / "t.csv", "sentence,label", ["a,x", "b,y"])
+
+    with pytest.raises(DataError, match=r"no column 'text'; columns found: sentence, label") as error:
+        data.load_source(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_single_label_is_rejected_with_count(tmp_path):
+    path = _write_csv(tmp_path / "one.csv", "text,label", ["a,same", "b,same"])
+
+    with pytest.raises(DataError, match=r"one\.csv' has 1 distinct label in column 'label'"):
+        data.load_source(str(path))
+
+
+def test_only_empty_texts_is_rejected(tmp_path):
+    path = _write_csv(tmp_path / "empty.csv", "text,label", [" ,a", ",b"])
+
+    with pytest.raises(DataError, match="no rows with a non-empty 'text'"):
+        data.load_source(str(path))
+
+
+# ------------------------------------------------------------------------------------------- partitions
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.3"])
+def test_partition_covers_each_index_once_and_is_deterministic(scheme):
+    labels = np.random.default_rng(0).integers(0, 5, size=503)
+
+    parts = data.partition(labels, 7, scheme, seed=11)
+
+    assert len(parts) == 7 and all(len(part) > 0 for part in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, data.partition(labels, 7, scheme, seed=11)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, data.partition(labels, 7, scheme, seed=12)))
+
+
+def test_dirichlet_with_small_alpha_is_more_skewed_than_iid():
+    labels = np.repeat(np.arange(10), 100)
+
+    def mean_distance_to_global(parts: list[np.ndarray]) -> float:
+        shares = [np.bincount(labels[part], minlength=10) / len(part) for part in parts]
+        return float(np.mean([0.5 * np.abs(share - 0.1).sum() for share in shares]))
+
+    iid = mean_distance_to_global(data.partition(labels, 5, "iid", seed=0))
+    skewed = mean_distance_to_global(data.partition(labels, 5, "dirichlet:0.1", seed=0))
+
+    assert iid < 0.1
+    assert skewed > 0.4
+
+
+def test_dirichlet_tiny_alpha_still_fills_every_client():
+    labels = np.zeros(20, dtype=np.int64)
+
+    parts = data.partition(labels, 10, "dirichlet:0.001", seed=0)
+
+    assert all(len(part) > 0 for part in parts)
+    assert sum(len(part) for part in parts) == 20
+
+
+@pytest.mark.parametrize(
+    ("scheme", "clients", "message"),
+    [
+        ("random", 2, "'random'"),
+        ("dirichlet", 2, "'dirichlet'"),
+        ("dirichlet:abc", 2, "'abc'"),
+        ("dirichlet:0", 2, "'0'"),
+        ("dirichlet:-1", 2, "'-1'"),
+        ("iid", 0, "clients 0"),
+        ("iid", 11, "11 exceeds the 10"),
+    ],
+)
+def test_partition_rejects_bad_arguments(scheme, clients, message):
+    with pytest.raises(DataError, match=message):
+        data.partition(np.zeros(10, dtype=np.int64), clients, scheme, seed=0)
+
+
+def test_parse_partition_scheme():
+    assert data.parse_partition_scheme("iid") == ("iid", None)
+    assert data.parse_partition_scheme("dirichlet:0.5") == ("dirichlet", 0.5)
