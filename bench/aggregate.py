@@ -1,0 +1,223 @@
+"""Benchmark: weighted mean of N client states held as Flower ArrayRecords, fedmerge's StreamingMean vs Flower's
+``strategy_utils.aggregate_arrayrecords``, against this machine's streaming memory bandwidth.
+
+Clients are a randomly initialised BERT state (built once from a config) plus per-client noise, each wrapped as the
+server holds a reply: RecordDict({"arrays": ArrayRecord, "metrics": MetricRecord({"num-examples": n})}).
+Three ways to average them are timed on the same records:
+  flower       aggregate_arrayrecords(records, "num-examples") -> ArrayRecord
+  ours         Array.numpy() one client at a time -> StreamingMean -> ArrayRecord(keep_input=False) (same input and
+               output as flower)
+  ours-kernel  zero-copy views of each Array's .npy bytes -> StreamingMean -> dict (the arithmetic alone)
+Peak extra memory is peak RSS during the call (VmHWM, reset through /proc/self/clear_refs) minus RSS before it,
+after gc and malloc_trim: torch allocations are invisible to tracemalloc.
+
+    python bench/aggregate.py [--small] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import gc
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from transformers import BertConfig, BertModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from strategies.aggregation import weighted_mean  # noqa: E402
+
+MODELS = {
+    "minilm-l6": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
+    "bert-base": BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522),
+}
+CLIENT_COUNTS = (2, 8, 32)
+RSS_LIMIT = 12e9  # bytes; the machine is shared, so a case that would need more is skipped
+REPEATS = 3  # best-of for times, worst-of for memory
+STREAM_ELEMENTS = 64 * 2**20  # 256 MB per float32 operand: far beyond any cache
+GB = 1e9
+MB = 2**20
+LIBC = ctypes.CDLL("libc.so.6")
+
+
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def measure(fn: Callable[[], object]) -> tuple[float, float]:
+    """(seconds, peak extra RSS in MiB) of one call; its result is kept alive until the peak is read."""
+    gc.collect()
+    LIBC.malloc_trim(0)
+    before = status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = status_mb("VmHWM")
+    del result
+    return seconds, peak - before
+
+
+class Streaming:
+    """This machine's streaming bandwidth: c = a + b over arrays far larger than the caches, counting the bytes read
+    (a and b). numpy uses one thread, torch its pool; the faster of the two is the yardstick."""
+
+    def __init__(self) -> None:
+        self.a, self.b, self.c = (np.full(STREAM_ELEMENTS, v, dtype=np.float32) for v in (1.0, 2.0, 0.0))
+        self.bytes_read = self.a.nbytes + self.b.nbytes
+
+    def numpy_add(self) -> None:
+        np.add(self.a, self.b, out=self.c)
+
+    def torch_add(self) -> None:
+        torch.add(torch.from_numpy(self.a), torch.from_numpy(self.b), out=torch.from_numpy(self.c))
+
+
+def client_records(config: BertConfig, count: int) -> tuple[list[RecordDict], int]:
+    """``count`` replies (base state + noise of std 0.01, distinct num-examples) and the model's float32 bytes."""
+    torch.manual_seed(0)
+    base = BertModel(config).state_dict()
+    records = []
+    for i in range(count):
+        generator = torch.Generator().manual_seed(i + 1)
+        noisy = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        metrics = MetricRecord({"num-examples": 100 + 37 * i})
+        records.append(RecordDict({"arrays": ArrayRecord(noisy), "metrics": metrics}))
+        del noisy
+    return records, sum(v.nbytes for v in base.values())
+
+
+@functools.cache
+def npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy header; cached, as every client repeats the same headers."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(stream)
+
+
+def npy_view(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values inside its .npy bytes, which end with the raw data (Array.numpy()
+    copies them out through 256 KiB reads instead)."""
+    offset = len(array.data) - math.prod(array.shape) * np.dtype(array.dtype).itemsize
+    shape, fortran_order, dtype = npy_header(array.data[:offset])
+    return np.frombuffer(array.data, dtype=dtype, offset=offset).reshape(shape, order="F" if fortran_order else "C")
+
+
+def flower(records: list[RecordDict]) -> ArrayRecord:
+    return aggregate_arrayrecords(records, "num-examples")
+
+
+def ours(records: list[RecordDict]) -> ArrayRecord:
+    states = (({k: a.numpy() for k, a in r["arrays"].items()}, float(r["metrics"]["num-examples"])) for r in records)
+    return ArrayRecord(weighted_mean(states), keep_input=False)  # frees each sum as soon as it is encoded
+
+
+def ours_kernel(records: list[RecordDict]) -> dict[str, torch.Tensor]:
+    states = (({k: npy_view(a) for k, a in r["arrays"].items()}, float(r["metrics"]["num-examples"])) for r in records)
+    return weighted_mean(states)
+
+
+METHODS = {"flower": flower, "ours": ours, "ours-kernel": ours_kernel}
+
+
+def max_abs_diff(a: ArrayRecord, b: ArrayRecord) -> float:
+    return max(float(np.abs(a[k].numpy() - b[k].numpy()).max()) for k in a)
+
+
+def run_case(model: str, records: list[RecordDict], model_bytes: int, streaming: Streaming) -> dict[str, object]:
+    """Best-of-REPEATS time and worst peak memory of each method, with the streaming bandwidth measured in between,
+    so that every figure of the case shares whatever load the (shared) machine had."""
+    bytes_read = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for r in records for a in r["arrays"].values())
+    stream_names = ("numpy_add", "torch_add")
+    times: dict[str, list[float]] = {name: [] for name in (*stream_names, *METHODS)}
+    peaks: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(REPEATS):
+        for name in stream_names:
+            times[name].append(measure(getattr(streaming, name))[0])
+        for name, fn in METHODS.items():
+            seconds, peak_mb = measure(lambda: fn(records))
+            times[name].append(seconds)
+            peaks[name].append(peak_mb)
+    stream_gbps = {name: streaming.bytes_read / min(times[name]) / GB for name in stream_names}
+    reference = max(stream_gbps.values())
+    case: dict[str, object] = {
+        "model": model,
+        "clients": len(records),
+        "model_mb": round(model_bytes / MB, 1),
+        "bytes_read": bytes_read,
+        "streaming_gbps": {name: round(gbps, 2) for name, gbps in stream_gbps.items()},
+    }
+    for name in METHODS:
+        best = min(times[name])
+        case[name] = {
+            "time_s": round(best, 4),
+            "gbps": round(bytes_read / best / GB, 2),
+            "fraction_of_streaming": round(bytes_read / best / GB / reference, 3),
+            "peak_extra_mb": round(max(peaks[name]), 1),
+            "peak_extra_model_copies": round(max(peaks[name]) * MB / model_bytes, 2),
+        }
+    case["ours_over_flower_time"] = round(min(times["ours"]) / min(times["flower"]), 3)
+    case["ours_kernel_over_flower_time"] = round(min(times["ours-kernel"]) / min(times["flower"]), 3)
+    case["max_abs_diff_ours_vs_flower"] = max_abs_diff(ours(records), flower(records))
+    return case
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="only the smallest case (smoke test)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 because numpy (Flower's helper) uses "
+                        "one, and torch's thread pool stalls when others share this 2-core machine")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    report: dict[str, object] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg(),
+                    "torch": torch.__version__, "numpy": np.__version__},
+        "memory_method": "peak RSS (VmHWM after resetting it via /proc/self/clear_refs) minus RSS before the call, "
+                         "after gc.collect and malloc_trim; the call's result is still alive when the peak is read",
+    }
+    streaming = Streaming()
+    cases: list[dict[str, object]] = []
+    models = list(MODELS.items())[:1] if args.small else list(MODELS.items())
+    for model, config in models:
+        counts = CLIENT_COUNTS[:1] if args.small else CLIENT_COUNTS
+        estimate = sum(p.numel() * 4 for p in BertModel(config).parameters())
+        runnable = [n for n in counts if (n + 3) * estimate <= RSS_LIMIT]  # inputs + base + two working copies
+        for n in counts:
+            if n not in runnable:
+                cases.append({"model": model, "clients": n, "skipped": f"needs about {(n + 3) * estimate / GB:.1f} GB "
+                              f"({n} client records + base + 2 working copies of {estimate / MB:.0f} MiB) > {RSS_LIMIT / GB:.0f} GB"})
+        if not runnable:
+            continue
+        records, model_bytes = client_records(config, max(runnable))
+        for n in runnable:
+            cases.append(run_case(model, records[:n], model_bytes, streaming))
+        del records
+    report["cases"] = sorted(cases, key=lambda c: (list(MODELS).index(c["model"]), c["clients"]))
+    report["loadavg_at_end"] = os.getloadavg()
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
