@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -439,8 +439,13 @@ def match_weights(
     Coordinate descent as in Git Re-Basin (Algorithm 1): start from the identity; each sweep visits
     the blocks (a head group's qk/vo pair, or one other permutation) in a random order and replaces
     a block by the assignment maximising ``sum <reference, permuted other>`` given all the others;
-    stop after a sweep in which nothing improves. A block whose cost inputs have not changed since it
-    was last solved cannot improve and is not recomputed.
+    stop after a sweep in which nothing improves. Two departures, neither changing what a sweep
+    optimises: a block whose cost inputs have not changed since it was last solved cannot improve
+    and is skipped; and within each sweep the random order is stably sorted so that blocks others
+    depend on come first. Every layer block depends on the residual stream and on nothing else, so
+    solving it first means no layer block is solved against the stream's arbitrary initial order
+    only to be solved again (on a bert-base pair that halved the work). Without the residual stream
+    no block depends on another and the order stays fully random.
     """
     spec = _shared(spec, reference, other)
     keys = spec.axes_to_perm
@@ -448,6 +453,8 @@ def match_weights(
     perms = {name: torch.arange(n) for name, n in _perm_sizes(spec, reference).items()}
     num_heads = {(group.qk, group.vo): group.num_heads for group in spec.head_groups.values()}
     dependencies = {block: model.dependencies(block) for block in spec.blocks}
+    dependents = Counter(name for deps in dependencies.values() for name in deps)
+    precedence = [-sum(dependents[name] for name in block) for block in spec.blocks]
     changed_at = dict.fromkeys(perms, -1)
     solved_at: dict[tuple[str, ...], int] = {}
     rng = np.random.default_rng(seed)
@@ -456,7 +463,7 @@ def match_weights(
     while sweeps < max_iter and not converged:
         sweeps += 1
         converged = True
-        for index in rng.permutation(len(spec.blocks)):
+        for index in sorted(rng.permutation(len(spec.blocks)), key=precedence.__getitem__):
             block = spec.blocks[index]
             if block in solved_at and all(changed_at[name] < solved_at[block] for name in dependencies[block]):
                 continue
