@@ -5,8 +5,8 @@ Clients are a randomly initialised BERT state (built once from a config) plus pe
 server holds a reply: RecordDict({"arrays": ArrayRecord, "metrics": MetricRecord({"num-examples": n})}).
 Three ways to average them are timed on the same records:
   flower       aggregate_arrayrecords(records, "num-examples") -> ArrayRecord
-  ours         Array.numpy() one client at a time -> StreamingMean -> ArrayRecord(keep_input=False) (same input and
-               output as flower)
+  ours         zero-copy views of the .npy bytes (strategies.records) -> StreamingMean -> ArrayRecord(keep_input=False),
+               what the strategy does (same input and output as flower)
   ours-kernel  zero-copy views of each Array's .npy bytes -> StreamingMean -> dict (the arithmetic alone)
 Peak extra memory is peak RSS during the call (VmHWM, reset through /proc/self/clear_refs) minus RSS before it,
 after gc and malloc_trim: torch allocations are invisible to tracemalloc.
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import gc
-import io
 import json
 import math
 import os
@@ -37,6 +35,7 @@ from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from strategies.aggregation import weighted_mean  # noqa: E402
+from strategies.records import record_views  # noqa: E402
 
 MODELS = {
     "minilm-l6": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
@@ -101,34 +100,17 @@ def client_records(config: BertConfig, count: int) -> tuple[list[RecordDict], in
     return records, sum(v.nbytes for v in base.values())
 
 
-@functools.cache
-def npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of a .npy header; cached, as every client repeats the same headers."""
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read_header(stream)
-
-
-def npy_view(array: Array) -> np.ndarray:
-    """A read-only view of an Array's values inside its .npy bytes, which end with the raw data (Array.numpy()
-    copies them out through 256 KiB reads instead)."""
-    offset = len(array.data) - math.prod(array.shape) * np.dtype(array.dtype).itemsize
-    shape, fortran_order, dtype = npy_header(array.data[:offset])
-    return np.frombuffer(array.data, dtype=dtype, offset=offset).reshape(shape, order="F" if fortran_order else "C")
-
-
 def flower(records: list[RecordDict]) -> ArrayRecord:
     return aggregate_arrayrecords(records, "num-examples")
 
 
 def ours(records: list[RecordDict]) -> ArrayRecord:
-    states = (({k: a.numpy() for k, a in r["arrays"].items()}, float(r["metrics"]["num-examples"])) for r in records)
+    states = ((record_views(r["arrays"]), float(r["metrics"]["num-examples"])) for r in records)
     return ArrayRecord(weighted_mean(states), keep_input=False)  # frees each sum as soon as it is encoded
 
 
 def ours_kernel(records: list[RecordDict]) -> dict[str, torch.Tensor]:
-    states = (({k: npy_view(a) for k, a in r["arrays"].items()}, float(r["metrics"]["num-examples"])) for r in records)
+    states = ((record_views(r["arrays"]), float(r["metrics"]["num-examples"])) for r in records)
     return weighted_mean(states)
 
 

@@ -42,12 +42,15 @@ def run_strategy(
         "client_resources": {"num_cpus": cpus_per_client(config.num_clients), "num_gpus": 0.0},
         "init_args": {"log_to_driver": True, "include_dashboard": False},
     }
-    run_simulation(
-        server_app=server,
-        client_app=make_client_app(config),
-        num_supernodes=config.num_clients,
-        backend_config=backend,
-    )
+    try:
+        run_simulation(
+            server_app=server,
+            client_app=make_client_app(config),
+            num_supernodes=config.num_clients,
+            backend_config=backend,
+        )
+    except Exception as error:  # run_simulation re-raises the ServerApp's error
+        outcome.error = outcome.error or error
     if outcome.error is not None:
         raise SimulationFailed(f"strategy '{strategy_name}' failed: {outcome.error}") from outcome.error
     if not outcome.final_state:

@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from strategies.aggregation import StreamingMean, check_update
+from strategies.aggregation import StreamingMean, as_tensors, check_update
+from strategies.records import record_views
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,16 @@ class RoundFailed(RuntimeError):
 
 
 def describe_client(msg: Message) -> str:
-    info = msg.content.config_records.get("client")
+    info = msg.content.config_records.get("client") if msg.has_content() else None
     name = f"{info['domain']}-{info['partition-id']}" if info and "domain" in info else "?"
     return f"node {msg.metadata.src_node_id} ({name})"
+
+
+def error_text(reason: str) -> str:
+    """The client's own exception message, without the Ray and Flower wrapping around it."""
+    flat = " ".join(reason.split())
+    tail = flat.rsplit("Message: ", 1)[-1].rstrip("'>")
+    return tail[-500:]
 
 
 class KeywiseMerge:
@@ -52,8 +60,7 @@ class KeywiseMerge:
     def client_states(self, replies: list[Message]) -> Iterable[tuple[dict[str, torch.Tensor], float]]:
         """Decode one client at a time (peak memory: one client copy), checked against the global model."""
         for msg in replies:
-            record = msg.content[self.arrayrecord_key]
-            state = {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
+            state = as_tensors(record_views(msg.content[self.arrayrecord_key]))
             check_update(self.global_state, state, describe_client(msg))
             yield state, float(msg.content["metrics"][self.weighted_by_key])
 
@@ -68,7 +75,7 @@ class KeywiseMerge:
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
-            reasons = "; ".join(f"{describe_client(m)}: {m.error.reason}" for m in failed)
+            reasons = "; ".join(f"{describe_client(m)}: {error_text(m.error.reason)}" for m in failed)
             raise RoundFailed(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reasons}")
         if len(replies) < self.expected_replies:
             raise RoundFailed(
@@ -88,7 +95,7 @@ class KeywiseMerge:
             }
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
-        return ArrayRecord(merged), metrics
+        return ArrayRecord(merged, keep_input=False), metrics
 
 
 class MergeFedAvg(KeywiseMerge, FedAvg):

@@ -1,0 +1,66 @@
+"""Bad input to the headline CLI: one line naming the value, exit code 2, before any model is loaded."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sims"))
+import bio_legal  # noqa: E402
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load weights or train fails the test: errors must come first."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr("fl.model.AutoModel.from_pretrained", refuse)
+    monkeypatch.setattr("fl.experiment.run_experiment", refuse, raising=False)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = bio_legal.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--strategies", "fedavg,bogus"], "bogus"),
+        (["--rounds", "0"], "--rounds 0"),
+        (["--bio-data", "/nonexistent/bio.csv"], "/nonexistent/bio.csv"),
+        (["--partition", "dirichlet:-1"], "dirichlet:-1"),
+    ],
+)
+def test_bad_options_fail_with_one_line_and_exit_2(argv, needle, capsys, no_model_loading) -> None:
+    code, err = run_cli(argv, capsys)
+
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_csv_without_configured_columns(tmp_path: Path, capsys, no_model_loading) -> None:
+    path = tmp_path / "bio.csv"
+    path.write_text("sentence,category\nhello,a\nworld,b\n")
+
+    code, err = run_cli(["--bio-data", str(path)], capsys)
+
+    assert code == 2 and len(err.splitlines()) == 1 and "text" in err
+
+
+def test_dataset_with_a_single_label(tmp_path: Path, capsys, no_model_loading) -> None:
+    path = tmp_path / "legal.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
+
+    code, err = run_cli(["--legal-data", str(path)], capsys)
+
+    assert code == 2 and len(err.splitlines()) == 1 and "legal.jsonl" in err
+
+
+def test_model_path_that_is_not_a_model(tmp_path: Path, capsys, no_model_loading) -> None:
+    code, err = run_cli(["--model", str(tmp_path)], capsys)
+
+    assert code == 2 and len(err.splitlines()) == 1 and str(tmp_path) in err
