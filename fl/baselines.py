@@ -26,6 +26,7 @@ from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer
 from fl.probe import fit_probe
 from fl.training import train
 from strategies.aggregation import weighted_mean
+from strategies.permutation import apply_permutation, match_weights, permutation_spec
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,18 @@ def one_shot_average(start: State, experts: Mapping[str, State], weights: Mappin
     merged = dict(start)
     merged.update(weighted_mean((({k: s[k] for k in domain_keys(s, d)}), weights[d]) for d, s in experts.items()))
     return merged
+
+
+def one_shot_aligned(
+    start: State, experts: Mapping[str, State], weights: Mapping[str, float], num_heads: int, residual: bool
+) -> State:
+    """Align every expert to the first by weight matching, then merge as one_shot_average does."""
+    names = list(experts)
+    spec = permutation_spec(experts[names[0]], num_heads, residual=residual)
+    aligned = {
+        d: s if d == names[0] else apply_permutation(s, spec, match_weights(experts[names[0]], s, spec)) for d, s in experts.items()
+    }
+    return one_shot_average(start, aligned, weights)
 
 
 def ensemble(expert_scores: Mapping[str, Scores]) -> Scores:

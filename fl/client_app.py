@@ -22,7 +22,8 @@ from fl.batches import Encoded, encode
 from fl.config import ConfigError, RunConfig
 from fl.data import load_domain, partition
 from fl.evaluation import evaluate
-from fl.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, resolve_model
+from fl.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, num_attention_heads, resolve_model
+from fl.permuted_init import client_seed, permuted_copy
 from fl.training import train
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,14 @@ def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels: int) -> MultiHeadEncoder:
-    """Build the model skeleton from the received heads' shapes and load the global weights into it."""
+    """Build the model skeleton from the received heads' shapes and load the global weights into it.
+
+    With init 'permuted', the first round's weights are replaced by this client's own permutation of them.
+    """
     state = msg.content["arrays"].to_torch_state_dict()
+    if config.init == "permuted" and int(msg.content["config"].get("server-round", 0)) == 1:
+        index = config.domains.index(role.domain) * role.num_partitions + role.partition_id
+        state = permuted_copy(state, num_attention_heads(config.model), client_seed(config.seed, index))
     sizes = head_sizes(state)
     if sizes.get(role.domain) != num_labels:
         raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from fl.training import TrainSettings
 
 
+INITS = ("shared", "permuted")
+
+
 class ConfigError(ValueError):
     """An option has a value the run cannot use."""
 
@@ -34,6 +37,8 @@ class RunConfig:
     partition: str = "iid"  # or 'dirichlet:ALPHA' (non-IID by label within a domain)
     proximal_mu: float = 0.01
     freeze_word_embeddings: bool = True
+    init: str = "shared"  # 'permuted': each client starts from its own functionally identical permutation of the base
+    align_residual: bool = True  # the aligned strategy also permutes the residual stream
     client_eval: bool = False  # clients also score their own test split each round (the server always scores all)
     seed: int = 0
 
@@ -73,6 +78,8 @@ class RunConfig:
         for name in ["lr", "head_lr"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a number > 0")
+        if self.init not in INITS:
+            raise ConfigError(f"--init {self.init}: expected one of {', '.join(INITS)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"--proximal-mu {self.proximal_mu}: expected a number >= 0")
         return self

@@ -8,19 +8,31 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from fl.baselines import Scores, Workbench, ensemble, fine_tune, fit_base, make_workbench, one_shot_average
+from fl.baselines import (
+    Scores,
+    Workbench,
+    ensemble,
+    fine_tune,
+    fit_base,
+    make_workbench,
+    one_shot_aligned,
+    one_shot_average,
+)
 from fl.data import DomainData
 from fl.config import RunConfig
-from fl.model import save_merged
+from fl.model import num_attention_heads, save_merged
+from fl.permuted_init import client_seed, permuted_copy
 from fl.report import effects, markdown, plot_curves, table_row, write_json
-from fl.server_app import CentralEvaluator
+from fl.server_app import CentralEvaluator, StrategyOutcome
 from fl.simulation import run_strategy
+
+StrategyRunner = Callable[[RunConfig, str, dict[str, torch.Tensor], CentralEvaluator], StrategyOutcome]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,13 @@ def scores_json(scores: Scores) -> dict[str, dict[str, float]]:
     return {d: s.summary() for d, s in scores.items()}
 
 
+def start_of_client(config: RunConfig, start: dict[str, torch.Tensor], client_index: int) -> dict[str, torch.Tensor]:
+    """Where a model trained like client `client_index` starts: the shared start or its own permutation of it."""
+    if config.init == "permuted":
+        return permuted_copy(start, num_attention_heads(config.model), client_seed(config.seed, client_index))
+    return start
+
+
 def run_experiment(
     config: RunConfig,
     model_path: str,
@@ -51,7 +70,9 @@ def run_experiment(
     strategies: list[str],
     out: Path,
     versions: Mapping[str, str],
+    runner: StrategyRunner = run_strategy,
 ) -> dict[str, object]:
+    """All phases; `runner` runs one strategy (a local Flower simulation by default, or a given Grid)."""
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(config.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +88,8 @@ def run_experiment(
     experts = {}
     for i, domain in enumerate(domains):
         with clock.phase(f"{domain} expert ({budget} steps)"):
-            experts[domain] = fine_tune(bench, start, [domain], budget, config.seed + 101 * (i + 1), f"{domain} expert")
+            expert_start = start_of_client(config, start, i * config.clients_per_domain)
+            experts[domain] = fine_tune(bench, expert_start, [domain], budget, config.seed + 101 * (i + 1), f"{domain} expert")
             models[f"{domain}-expert"] = bench.score(experts[domain])
     with clock.phase(f"multi-task ({budget} steps per domain)"):
         multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
@@ -75,6 +97,11 @@ def run_experiment(
     with clock.phase("one-shot average of the experts"):
         weights = {d: float(len(bench.train_sets[d])) for d in domains}
         models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+    if "aligned" in strategies:
+        with clock.phase("one-shot aligned average of the experts"):
+            heads = num_attention_heads(model_path)
+            aligned = one_shot_aligned(start, experts, weights, heads, config.align_residual)
+            models["one-shot-aligned"] = bench.score(aligned)
     models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
 
     curves = {}
@@ -82,7 +109,7 @@ def run_experiment(
     for name in strategies:
         with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
             evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=base_scores)
-            outcome = run_strategy(config, name, start, evaluator)
+            outcome = runner(config, name, start, evaluator)
             curves[name] = evaluator.history
             models[name] = evaluator.history[config.rounds]
             histories[name] = outcome.client_history
@@ -91,12 +118,13 @@ def run_experiment(
 
     with clock.phase("report"):
         own_experts = {d: models[f"{d}-expert"][d] for d in domains}
-        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", "one-shot-average", "ensemble", *strategies]
+        one_shots = [n for n in ["one-shot-average", "one-shot-aligned"] if n in models]
+        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *strategies]
         rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
-        found = effects(models, domains, ["one-shot-average", *strategies], config.seed)
+        found = effects(models, domains, [*one_shots, *strategies], config.seed)
         header = (
             f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
-            f"{config.clients_per_domain} client(s) per domain, seed {config.seed}"
+            f"{config.clients_per_domain} client(s) per domain, {config.init} start, seed {config.seed}"
         )
         (out / "results.md").write_text(markdown(rows, found, domains, header))
         plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in strategies}, domains)

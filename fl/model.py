@@ -61,6 +61,11 @@ def check_model(name: str) -> str:
     return resolved
 
 
+def num_attention_heads(name: str) -> int:
+    """Heads per attention layer (DistilBERT's n_heads is mapped to this name by its config)."""
+    return int(AutoConfig.from_pretrained(resolve_model(name)).num_attention_heads)
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average the token states that are not padding."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

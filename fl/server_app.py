@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl.batches import Encoded
 from fl.config import RunConfig
 from fl.evaluation import Score, evaluate
-from fl.model import MultiHeadEncoder
+from fl.model import MultiHeadEncoder, num_attention_heads
 from strategies.flower import make_strategy
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,32 @@ class StrategyOutcome:
     error: BaseException | None = None
 
 
+def run_on_grid(
+    grid: Grid,
+    config: RunConfig,
+    strategy_name: str,
+    initial_state: Mapping[str, torch.Tensor],
+    evaluator: CentralEvaluator | None,
+) -> StrategyOutcome:
+    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails."""
+    strategy = make_strategy(
+        strategy_name,
+        config.num_clients,
+        config.proximal_mu,
+        config.client_eval,
+        num_heads=num_attention_heads(config.model),
+        align_residual=config.align_residual,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(dict(initial_state)),
+        num_rounds=config.rounds,
+        train_config=ConfigRecord({"local-steps": config.local_steps}),
+        evaluate_fn=evaluator,
+    )
+    return StrategyOutcome(result.arrays.to_torch_state_dict(), strategy.client_history)
+
+
 def make_server_app(
     config: RunConfig,
     strategy_name: str,
@@ -78,19 +104,11 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = make_strategy(strategy_name, config.num_clients, config.proximal_mu, config.client_eval)
         try:
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(dict(initial_state)),
-                num_rounds=config.rounds,
-                train_config=ConfigRecord({"local-steps": config.local_steps}),
-                evaluate_fn=evaluator,
-            )
+            done = run_on_grid(grid, config, strategy_name, initial_state, evaluator)
         except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
             outcome.error = error
             raise
-        outcome.final_state = result.arrays.to_torch_state_dict()
-        outcome.client_history = strategy.client_history
+        outcome.final_state, outcome.client_history = done.final_state, done.client_history
 
     return app

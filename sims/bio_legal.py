@@ -38,7 +38,7 @@ QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "lo
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = RunConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--strategies", default="fedavg,fedprox", help="comma-separated strategy names")
+    p.add_argument("--strategies", default="fedavg,fedprox", help="comma-separated: fedavg, fedprox, aligned")
     p.add_argument("--rounds", type=int, default=defaults.rounds)
     p.add_argument("--local-steps", type=int, default=defaults.local_steps, help="optimizer steps per client per round")
     p.add_argument("--clients-per-domain", type=int, default=defaults.clients_per_domain)
@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=defaults.lr, help="encoder learning rate")
     p.add_argument("--head-lr", type=float, default=defaults.head_lr)
     p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu, help="FedProx mu")
+    p.add_argument("--init", default=defaults.init, help="shared, or permuted: each client starts from its own permutation of the base")
+    p.add_argument(
+        "--align-residual",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.align_residual,
+        help="the aligned strategy also permutes the residual stream",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out", default="runs/bio_legal", help="output folder")
     p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies.aggregation import StreamingMean, as_tensors, check_update
+from strategies.permutation import apply_permutation, match_weights, permutation_spec
 from strategies.records import record_views
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,34 @@ class MergeFedProx(KeywiseMerge, FedProx):
     """FedProx (Li et al. 2020): sends ``proximal-mu``; the client adds mu/2 * ||w - w_global||^2 to its loss."""
 
 
-def make_strategy(name: str, num_clients: int, proximal_mu: float, client_eval: bool) -> FedAvg:
+class MergeAligned(KeywiseMerge, FedAvg):
+    """Permutation-aligned averaging (Git Re-Basin weight matching, Ainsworth et al. 2022, arXiv 2209.04836).
+
+    Each client's weights are first permuted to line up with the current global model (heads as blocks,
+    within-head dimensions, FFN units and optionally the residual stream), then averaged as FedAvg does.
+    """
+
+    def __init__(self, *args: object, num_heads: int, residual: bool, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_heads = num_heads
+        self.residual = residual
+        self.moved_units: list[dict[str, object]] = []  # how far each client was from identity, per round
+
+    def merge(self, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
+        spec = permutation_spec(self.global_state, self.num_heads, residual=self.residual)
+        mean = StreamingMean()
+        for (state, weight), msg in zip(self.client_states(replies), replies):
+            perms = match_weights(self.global_state, state, spec, seed=server_round)
+            moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
+            self.moved_units.append({"round": server_round, "client": describe_client(msg), "moved-units": moved})
+            log.info("aligned: round %d %s: %d units moved", server_round, describe_client(msg), moved)
+            mean.add(apply_permutation(state, spec, perms), weight)
+        return mean.result()
+
+
+def make_strategy(
+    name: str, num_clients: int, proximal_mu: float, client_eval: bool, num_heads: int = 0, align_residual: bool = True
+) -> FedAvg:
     """Build a registered strategy that trains every client each round."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{name}': expected one of {', '.join(STRATEGIES)}")
@@ -119,7 +147,9 @@ def make_strategy(name: str, num_clients: int, proximal_mu: float, client_eval: 
     }
     if name == "fedprox":
         return MergeFedProx(proximal_mu=proximal_mu, **common)
+    if name == "aligned":
+        return MergeAligned(num_heads=num_heads, residual=align_residual, **common)
     return STRATEGIES[name](**common)
 
 
-STRATEGIES: Mapping[str, type[FedAvg]] = {"fedavg": MergeFedAvg, "fedprox": MergeFedProx}
+STRATEGIES: Mapping[str, type[FedAvg]] = {"fedavg": MergeFedAvg, "fedprox": MergeFedProx, "aligned": MergeAligned}

@@ -1,0 +1,127 @@
+"""The Flower strategy classes: key-wise merging of replies, loud failures, aligned == FedAvg near identity."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from transformers import AutoModel
+
+from strategies.aggregation import UpdateError
+from strategies.flower import RoundFailed, make_strategy
+from tests.conftest import tiny_bert_config
+
+
+@dataclass
+class FakeError:
+    reason: str
+
+
+@dataclass
+class FakeMetadata:
+    src_node_id: int
+
+
+@dataclass
+class FakeReply:
+    """The parts of a Flower reply Message that aggregate_train reads."""
+
+    content: RecordDict | None
+    node: int
+    error: FakeError | None = None
+    metadata: FakeMetadata = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metadata = FakeMetadata(self.node)
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+    def has_content(self) -> bool:
+        return self.content is not None
+
+
+def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int) -> FakeReply:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.clone() for k, v in state.items()}),
+            "metrics": MetricRecord({"train-loss": 1.0, "num-examples": examples}),
+            "client": ConfigRecord({"domain": domain, "partition-id": 0}),
+        }
+    )
+    return FakeReply(content, node)
+
+
+def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int):
+    strategy = make_strategy(name, clients, proximal_mu=0.1, client_eval=False, num_heads=4)
+    strategy.global_state = global_state
+    strategy.expected_replies = clients
+    return strategy
+
+
+def toy_global() -> dict[str, torch.Tensor]:
+    return {"encoder.w": torch.zeros(2), "heads.bio.weight": torch.zeros(1), "heads.legal.weight": torch.zeros(1)}
+
+
+def test_fedavg_strategy_merges_key_wise_and_keeps_unsent_keys() -> None:
+    strategy = strategy_with_global("fedavg", {**toy_global(), "heads.other.weight": torch.full((1,), 7.0)}, 3)
+    replies = [
+        reply({"encoder.w": torch.tensor([1.0, 2.0]), "heads.bio.weight": torch.tensor([1.0])}, 10, "bio", 1),
+        reply({"encoder.w": torch.tensor([3.0, 6.0]), "heads.bio.weight": torch.tensor([3.0])}, 30, "bio", 2),
+        reply({"encoder.w": torch.tensor([5.0, 10.0]), "heads.legal.weight": torch.tensor([9.0])}, 60, "legal", 3),
+    ]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+    merged = arrays.to_torch_state_dict()
+
+    assert torch.allclose(merged["encoder.w"], torch.tensor([0.1 * 1 + 0.3 * 3 + 0.6 * 5, 0.1 * 2 + 0.3 * 6 + 0.6 * 10]))
+    assert torch.allclose(merged["heads.bio.weight"], torch.tensor([0.25 * 1 + 0.75 * 3]))
+    assert torch.equal(merged["heads.legal.weight"], torch.tensor([9.0]))
+    assert torch.equal(merged["heads.other.weight"], torch.tensor([7.0]))
+
+
+def test_a_failed_client_fails_the_round_naming_the_node() -> None:
+    strategy = strategy_with_global("fedprox", toy_global(), 2)
+    ok = reply({"encoder.w": torch.ones(2)}, 5, "bio", 1)
+    failed = FakeReply(None, 42, FakeError("Exception ClientAppException occurred. Message: disk full"))
+
+    with pytest.raises(RoundFailed, match="node 42.*disk full"):
+        strategy.aggregate_train(1, [ok, failed])
+
+
+def test_a_missing_reply_fails_the_round() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+
+    with pytest.raises(RoundFailed, match="1 replies for 2 clients"):
+        strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2)}, 5, "bio", 1)])
+
+
+def test_a_nan_update_is_refused_before_averaging() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 1)
+
+    with pytest.raises(UpdateError, match="encoder.w"):
+        strategy.aggregate_train(1, [reply({"encoder.w": torch.tensor([1.0, float("nan")])}, 5, "bio", 1)])
+
+
+def test_aligned_equals_fedavg_when_clients_are_small_updates_of_the_global_model() -> None:
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(tiny_bert_config(vocab_size=100))
+    base = {f"encoder.{k}": v for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    base.update({"heads.bio.weight": torch.randn(3, 32), "heads.legal.weight": torch.randn(2, 32)})
+    clients = []
+    for i, domain in enumerate(["bio", "legal"]):
+        state = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items() if not k.startswith("heads.") or domain in k}
+        clients.append((state, 10 * (i + 1), domain, i + 1))
+
+    fedavg, _ = strategy_with_global("fedavg", base, 2).aggregate_train(1, [reply(*c) for c in clients])
+    aligned_strategy = strategy_with_global("aligned", base, 2)
+    aligned, _ = aligned_strategy.aggregate_train(1, [reply(*c) for c in clients])
+
+    expected, got = fedavg.to_torch_state_dict(), aligned.to_torch_state_dict()
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert [m["moved-units"] for m in aligned_strategy.moved_units] == [0, 0]
+
+
+def test_unknown_strategy_names_the_value() -> None:
+    with pytest.raises(ValueError, match="'fedsgd'"):
+        make_strategy("fedsgd", 2, 0.0, False)
