@@ -91,6 +91,8 @@ def run_experiment(
             expert_start = start_of_client(config, start, i * config.clients_per_domain)
             experts[domain] = fine_tune(bench, expert_start, [domain], budget, config.seed + 101 * (i + 1), f"{domain} expert")
             models[f"{domain}-expert"] = bench.score(experts[domain])
+            bench.model.load_state_dict(experts[domain])
+            save_merged(bench.model, bench.tokenizer, out / f"{domain}-expert", bench.label_names)
     with clock.phase(f"multi-task ({budget} steps per domain)"):
         multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
         models["multi-task"] = bench.score(multitask)
