@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
-from fl.training import TrainSettings
+from fl.training import SCHEDULES, TrainSettings
 
 
 INITS = ("shared", "permuted")
@@ -31,6 +31,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 1e-4  # encoder
     head_lr: float = 1e-3  # heads start from probes
+    lr_schedule: str = "linear"  # 10% warm-up then linear decay to 0 in every local training; or 'constant'
     rounds: int = 3
     local_steps: int = 20  # per client per round
     clients_per_domain: int = 1
@@ -40,6 +41,8 @@ class RunConfig:
     init: str = "shared"  # 'permuted': each client starts from its own functionally identical permutation of the base
     align_residual: bool = True  # the aligned strategy also permutes the residual stream
     client_eval: bool = False  # clients also score their own test split each round (the server always scores all)
+    server_data: bool = True  # false: the server holds no text (a deployment): no baselines, clients score themselves
+    reply_timeout: float = 3600.0  # seconds the server waits for a round's replies; a node that drops fails the round
     seed: int = 0
 
     @property
@@ -62,6 +65,7 @@ class RunConfig:
             head_lr=self.head_lr,
             proximal_mu=proximal_mu,
             freeze_word_embeddings=self.freeze_word_embeddings,
+            schedule=self.lr_schedule,
         )
 
     def client_domain(self, partition_id: int) -> tuple[str, int]:
@@ -80,6 +84,10 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a number > 0")
         if self.init not in INITS:
             raise ConfigError(f"--init {self.init}: expected one of {', '.join(INITS)}")
+        if not self.reply_timeout > 0:
+            raise ConfigError(f"--reply-timeout {self.reply_timeout}: expected a number of seconds > 0")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"--proximal-mu {self.proximal_mu}: expected a number >= 0")
         return self
@@ -100,6 +108,15 @@ class RunConfig:
             default = getattr(cls(), name)
             values[name] = type(default)(value) if not isinstance(default, bool) else _as_bool(key, value)
         return replace(cls(), **values).validate()
+
+
+APP_OPTIONS = ("strategies", "out")  # run-config keys of the Flower app (pyproject.toml) that are not RunConfig fields
+
+
+def split_run_config(record: Mapping[str, object]) -> tuple[RunConfig, dict[str, str]]:
+    """Flower's run config as a RunConfig plus the app options (strategies, output folder) as strings."""
+    options = {k: str(v) for k, v in record.items() if k in APP_OPTIONS}
+    return RunConfig.from_record({k: v for k, v in record.items() if k not in APP_OPTIONS}), options
 
 
 def _as_bool(key: str, value: object) -> bool:

@@ -30,6 +30,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     proximal_mu: float = 0.0  # FedProx; 0 = plain local SGD
     freeze_word_embeddings: bool = True  # 11.7M of 22.7M MiniLM weights; frozen is faster and merges cleanly
+    schedule: str = "linear"  # 'linear': 10% warm-up then linear decay to 0 within each call; 'constant'
 
 
 @dataclass
@@ -61,6 +62,19 @@ def proximal_term(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch
     return 0.5 * mu * total
 
 
+SCHEDULES = ("linear", "constant")
+
+
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: warm-up keeps the first steps from knocking the probe heads off."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule '{schedule}': expected one of {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        return lambda step: 1.0
+    warmup = max(1, steps // 10)
+    return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+
+
 def train(
     model: MultiHeadEncoder,
     tasks: Sequence[tuple[str, Encoded]],
@@ -82,6 +96,7 @@ def train(
         [{"params": body, "lr": settings.lr}, {"params": heads, "lr": settings.head_lr}],
         weight_decay=settings.weight_decay,
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.schedule, settings.steps))
     anchor = {k: p.detach().clone() for k, p in params.items()} if settings.proximal_mu > 0 else None
     streams = [training_batches(len(data), settings.batch_size, seed + i) for i, (_, data) in enumerate(tasks)]
     loss_fn = nn.CrossEntropyLoss()
@@ -101,6 +116,7 @@ def train(
             report.num_examples += len(batch.labels)
             if on_step is not None:
                 on_step(step, domain, loss.item())
+        scheduler.step()
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)

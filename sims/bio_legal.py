@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr, help="encoder learning rate")
     p.add_argument("--head-lr", type=float, default=defaults.head_lr)
+    p.add_argument("--lr-schedule", default=defaults.lr_schedule, help="linear (10%% warm-up, decay to 0 each round) or constant")
     p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu, help="FedProx mu")
     p.add_argument("--init", default=defaults.init, help="shared, or permuted: each client starts from its own permutation of the base")
     p.add_argument(

@@ -63,3 +63,13 @@ def test_frozen_word_embeddings_stay_put(tiny_model_dir: Path) -> None:
     train(model, [("bio", data)], TrainSettings(steps=2, batch_size=4, freeze_word_embeddings=True), seed=0)
 
     assert torch.equal(model.encoder.embeddings.word_embeddings.weight, before)
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
+    from fl.training import lr_factor
+
+    factor = lr_factor("linear", 20)
+
+    assert factor(0) == 0.5 and factor(1) == 1.0
+    assert factor(10) > factor(15) > factor(19) > 0.0
+    assert lr_factor("constant", 20)(19) == 1.0
