@@ -36,7 +36,7 @@ class Batch:
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Encoded:
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(tuple(tuple(x) for x in ids), torch.as_tensor(np.asarray(labels), dtype=torch.long), pad)
+    return Encoded(tuple(tuple(x) for x in ids), torch.tensor(np.array(labels), dtype=torch.long), pad)
 
 
 def collate(data: Encoded, indices: Sequence[int]) -> Batch:
