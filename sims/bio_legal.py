@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import sys
 import time
@@ -20,13 +19,10 @@ from dataclasses import fields, replace
 from importlib.metadata import version
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fl.environment import configure  # noqa: E402
+
+configure(sys.argv[1:])
 
 from fl.config import ConfigError, RunConfig  # noqa: E402
 from fl.data import DataError, parse_partition_scheme  # noqa: E402

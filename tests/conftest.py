@@ -1,14 +1,11 @@
-"""Shared test setup: offline Hugging Face, small thread counts, repository root on the path."""
-import os
+"""Shared test setup: offline Hugging Face (no test touches a hub), repository root on the path."""
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fl.environment import configure  # noqa: E402
+
+configure([])
 
 import shutil  # noqa: E402
 
