@@ -3,7 +3,8 @@
 A client serves one domain and one partition of it: in simulation both follow from ``partition-id``
 (clients_per_domain consecutive ids per domain); in a deployment the SuperNode's ``--node-config``
 may name them (``domain="bio" partition-id=0 num-partitions=1``). It trains the encoder and its own
-head, and sends back exactly those weights.
+head, and sends back exactly those weights. Asked by a ``query`` message, it tells its domain and its
+label names, so a server that holds no text can still build the heads.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl.batches import Encoded, encode
-from fl.config import ConfigError, RunConfig
-from fl.data import load_domain, partition
+from fl.config import ConfigError, RunConfig, split_run_config
+from fl.data import DomainData, load_domain, partition
 from fl.evaluation import evaluate
 from fl.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, num_attention_heads, resolve_model
 from fl.permuted_init import client_seed, permuted_copy
@@ -51,10 +52,8 @@ def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientR
     return ClientRole(domain, part, config.clients_per_domain)
 
 
-@lru_cache(maxsize=4)
-def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, int]:
-    """This client's tokenised training partition, its domain's test set, and the domain's label count."""
-    data = load_domain(
+def local_domain(config: RunConfig, role: ClientRole) -> DomainData:
+    return load_domain(
         role.domain,
         config.domain_sources[role.domain],
         train_size=config.train_size,
@@ -63,6 +62,12 @@ def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, 
         text_column=config.text_column,
         label_column=config.label_column,
     )
+
+
+@lru_cache(maxsize=4)
+def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, int]:
+    """This client's tokenised training partition, its domain's test set, and the domain's label count."""
+    data = local_domain(config, role)
     parts = partition(data.train.labels, role.num_partitions, config.partition, config.seed)
     own = data.train.subset(parts[role.partition_id])
     tokenizer = load_tokenizer(resolve_model(config.model))
@@ -107,7 +112,7 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     def setup(context: Context) -> tuple[RunConfig, ClientRole]:
         use_granted_threads()
-        cfg = config if config is not None else RunConfig.from_record(context.run_config)
+        cfg = config if config is not None else split_run_config(context.run_config)[0]
         return cfg, client_role(cfg, context.node_config)
 
     @app.train()
@@ -147,6 +152,15 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
                 ),
                 "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
             }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def query_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        labels = list(local_domain(cfg, role).train.label_names)
+        content = RecordDict(
+            {"client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id, "labels": labels})}
         )
         return Message(content=content, reply_to=msg)
 

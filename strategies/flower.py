@@ -3,19 +3,22 @@
 Each client returns the encoder plus the head of its own domain. Every returned key is averaged over
 the clients that sent it, weighted by ``num-examples``, so a domain head is never diluted by clients
 that did not train it; keys nobody sent keep their global value. Replies are checked against the
-global model before anything is averaged, and a round with a failed or missing client raises instead
-of silently keeping the old weights (Flower's default).
+global model before anything is averaged, and a round (training or client evaluation) with a failed or
+missing client raises instead of silently keeping the old weights (Flower's default), naming the node.
+Client evaluations are averaged per domain.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from strategies.aggregation import StreamingMean, as_tensors, check_update
 from strategies.permutation import apply_permutation, match_weights, permutation_spec
@@ -35,10 +38,30 @@ def describe_client(msg: Message) -> str:
 
 
 def error_text(reason: str) -> str:
-    """The client's own exception message, without the Ray and Flower wrapping around it."""
+    """The client's own exception message, without Flower's wrapping: "... occurred. Message: TEXT'>" (simulation)
+    or "<class 'ConfigError'>:<'TEXT'>" (a SuperNode)."""
     flat = " ".join(reason.split())
-    tail = flat.rsplit("Message: ", 1)[-1].rstrip("'>")
-    return tail[-500:]
+    tail = flat.rsplit("Message: ", 1)[-1]
+    if tail.startswith("<class '") and ">:<'" in tail:
+        tail = tail.split(">:<'", 1)[1]
+    return tail.removesuffix("'>")[-500:]
+
+
+def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of the clients' metrics within each domain (``client`` record), keys prefixed by the domain.
+
+    One mean over all clients would mix domains of different sizes and difficulty into one number.
+    """
+    by_domain: dict[str, list[RecordDict]] = {}
+    for record in records:
+        by_domain.setdefault(str(record["client"]["domain"]), []).append(record)
+    merged = MetricRecord()
+    for domain, group in sorted(by_domain.items()):
+        for key, value in aggregate_metricrecords(group, weighted_by_key).items():
+            merged[f"{domain}-{key}"] = value
+        merged[f"{domain}-{weighted_by_key}"] = sum(int(r["metrics"][weighted_by_key]) for r in group)
+        merged[f"{domain}-clients"] = len(group)
+    return merged
 
 
 class KeywiseMerge:
@@ -47,16 +70,68 @@ class KeywiseMerge:
     arrayrecord_key: str
     weighted_by_key: str
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, reply_timeout: float = 3600.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
+        self.reply_timeout = reply_timeout  # also how long a round waits for lost nodes to come back
         self.global_state: dict[str, torch.Tensor] = {}
         self.client_history: list[dict[str, object]] = []
+        self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
+        self.node_names: dict[int, str] = {}  # node id -> "node ID (domain-partition)", from earlier replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        self.expected_replies = len(messages)
-        return messages
+        self.wait_for_nodes(server_round, grid)
+        self.sent = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.expected_replies = len(self.sent)
+        return self.sent
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
+            self.wait_for_nodes(server_round, grid)
+        self.sent = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.expected_replies = len(self.sent)
+        return self.sent
+
+    def wait_for_nodes(self, server_round: int, grid: Grid) -> None:
+        """Flower's sampling waits forever for enough nodes: give up after reply_timeout, naming the nodes lost."""
+        needed = int(self.min_available_nodes)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + self.reply_timeout
+        while len(online := set(grid.get_node_ids())) < needed:
+            if time.monotonic() > deadline:
+                lost = [name for node, name in self.node_names.items() if node not in online]
+                raise RoundFailed(
+                    f"round {server_round}: {len(online)} of {needed} nodes connected after {self.reply_timeout:.0f} s"
+                    + (f"; lost: {', '.join(lost)}" if lost else "")
+                )
+            time.sleep(1)
+
+    def node_of(self, reply: Message) -> str:
+        """The client a reply is about. The SuperLink itself answers for a node that stopped sending
+        heartbeats, so the node is found through the message the reply answers."""
+        for msg in self.sent:
+            if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+                return self.node_name(msg.metadata.dst_node_id)
+        return describe_client(reply)
+
+    def node_name(self, node: int) -> str:
+        return self.node_names.get(node, f"node {node}")
+
+    def check_replies(self, server_round: int, stage: str, replies: list[Message]) -> None:
+        """Raise RoundFailed unless every client sent to answered without error."""
+        for msg in replies:
+            if not msg.has_error():
+                self.node_names[msg.metadata.src_node_id] = describe_client(msg)
+        failed = [m for m in replies if m.has_error()]
+        if failed:
+            reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
+            raise RoundFailed(f"round {server_round} {stage}: {len(failed)} of {len(replies)} clients failed: {reasons}")
+        if len(replies) < self.expected_replies:
+            answered = {m.metadata.reply_to_message_id for m in replies}
+            silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
+            raise RoundFailed(
+                f"round {server_round} {stage}: {len(replies)} replies for {self.expected_replies} clients "
+                f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
+            )
 
     def client_states(self, replies: list[Message]) -> Iterable[tuple[dict[str, torch.Tensor], float]]:
         """Decode one client at a time (peak memory: one client copy), checked against the global model."""
@@ -74,14 +149,7 @@ class KeywiseMerge:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        if failed:
-            reasons = "; ".join(f"{describe_client(m)}: {error_text(m.error.reason)}" for m in failed)
-            raise RoundFailed(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reasons}")
-        if len(replies) < self.expected_replies:
-            raise RoundFailed(
-                f"round {server_round}: {len(replies)} replies for {self.expected_replies} clients (timeout or lost node)"
-            )
+        self.check_replies(server_round, "train", replies)
         for msg in replies:
             if self.weighted_by_key not in msg.content["metrics"]:
                 raise RoundFailed(f"round {server_round}: {describe_client(msg)} sent no '{self.weighted_by_key}'")
@@ -97,6 +165,11 @@ class KeywiseMerge:
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
         return ArrayRecord(merged, keep_input=False), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.check_replies(server_round, "evaluate", replies)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 
 class MergeFedAvg(KeywiseMerge, FedAvg):
@@ -133,7 +206,13 @@ class MergeAligned(KeywiseMerge, FedAvg):
 
 
 def make_strategy(
-    name: str, num_clients: int, proximal_mu: float, client_eval: bool, num_heads: int = 0, align_residual: bool = True
+    name: str,
+    num_clients: int,
+    proximal_mu: float,
+    client_eval: bool,
+    num_heads: int = 0,
+    align_residual: bool = True,
+    reply_timeout: float = 3600.0,
 ) -> FedAvg:
     """Build a registered strategy that trains every client each round."""
     if name not in STRATEGIES:
@@ -144,6 +223,8 @@ def make_strategy(
         "min_available_nodes": num_clients,
         "fraction_evaluate": 1.0 if client_eval else 0.0,
         "min_evaluate_nodes": num_clients if client_eval else 0,
+        "evaluate_metrics_aggr_fn": per_domain_metrics,
+        "reply_timeout": reply_timeout,
     }
     if name == "fedprox":
         return MergeFedProx(proximal_mu=proximal_mu, **common)

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from transformers import AutoModel
 
 from strategies.aggregation import UpdateError
-from strategies.flower import RoundFailed, make_strategy
+from strategies.flower import RoundFailed, error_text, make_strategy, per_domain_metrics
 from tests.conftest import tiny_bert_config
 
 
@@ -20,6 +20,9 @@ class FakeError:
 @dataclass
 class FakeMetadata:
     src_node_id: int
+    reply_to_message_id: str = ""
+    message_id: str = ""
+    dst_node_id: int = 0
 
 
 @dataclass
@@ -94,6 +97,66 @@ def test_a_missing_reply_fails_the_round() -> None:
 
     with pytest.raises(RoundFailed, match="1 replies for 2 clients"):
         strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2)}, 5, "bio", 1)])
+
+
+def test_a_node_the_superlink_reports_lost_is_named_by_the_message_it_did_not_answer() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    sent = [FakeReply(None, 0), FakeReply(None, 0)]
+    for msg, (message_id, node) in zip(sent, [("m-bio", 7), ("m-legal", 9)]):
+        msg.metadata.message_id, msg.metadata.dst_node_id = message_id, node
+    strategy.sent = sent
+    ok = reply({"encoder.w": torch.ones(2)}, 5, "bio", 7)
+    ok.metadata.reply_to_message_id = "m-bio"
+    lost = FakeReply(None, 1, FakeError("Error: Node Unavailable - no heartbeat"))  # written by the SuperLink (node 1)
+    lost.metadata.reply_to_message_id = "m-legal"
+
+    with pytest.raises(RoundFailed, match="node 9: Error: Node Unavailable"):
+        strategy.aggregate_train(1, [ok, lost])
+    with pytest.raises(RoundFailed, match=r"lost node: node 9\)"):
+        strategy.aggregate_train(1, [ok])
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_a_round_waiting_for_a_node_that_left_gives_up_after_the_reply_timeout_naming_it() -> None:
+    strategy = make_strategy("fedavg", 2, 0.0, False, reply_timeout=0.5)
+    strategy.node_names = {7: "node 7 (bio-0)", 9: "node 9 (legal-0)"}
+
+    with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 nodes connected after 0 s; lost: node 9 \(legal-0\)"):
+        strategy.wait_for_nodes(2, FakeGrid([7]))
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ConfigError occurred. Message: bad 'x''>",
+        "<class 'fl.config.ConfigError'>:<'bad 'x''>",
+    ],
+)
+def test_error_text_is_the_clients_own_message_in_simulation_and_on_a_supernode(reason: str) -> None:
+    assert error_text(reason) == "bad 'x'"
+
+
+def test_client_evaluations_are_averaged_within_each_domain() -> None:
+    def evaluation(domain: str, accuracy: float, examples: int) -> RecordDict:
+        return RecordDict(
+            {
+                "metrics": MetricRecord({"eval-accuracy": accuracy, "num-examples": examples}),
+                "client": ConfigRecord({"domain": domain, "partition-id": 0}),
+            }
+        )
+
+    merged = per_domain_metrics([evaluation("bio", 1.0, 10), evaluation("bio", 0.5, 30), evaluation("legal", 0.2, 5)], "num-examples")
+
+    assert merged["bio-eval-accuracy"] == pytest.approx(0.625)
+    assert merged["legal-eval-accuracy"] == pytest.approx(0.2)
+    assert (merged["bio-num-examples"], merged["bio-clients"], merged["legal-clients"]) == (40, 2, 1)
 
 
 def test_a_nan_update_is_refused_before_averaging() -> None:
