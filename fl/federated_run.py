@@ -10,7 +10,6 @@ test scores. It writes results.json, results.md and one merged-model folder per 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,25 +23,16 @@ from fl.experiment import PhaseClock
 from fl.model import build_model, check_model, load_tokenizer, save_merged
 from fl.report import write_json
 from fl.server_app import run_on_grid
-from strategies.flower import RoundFailed, describe_client, error_text
+from strategies.flower import RoundFailed, describe_client, error_text, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
 CLIENT_METRICS = {"eval-accuracy": "accuracy", "eval-loss": "loss", "num-examples": "test-examples", "clients": "clients"}
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise RoundFailed(f"{len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s")
-        time.sleep(1)
-    return nodes
-
-
 def ask_labels(grid: Grid, config: RunConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Each domain's label names and the nodes serving it, from a query to every node; they must agree."""
-    nodes = wait_for_nodes(grid, config.num_clients, config.reply_timeout)
+    nodes = wait_for_nodes(grid, config.num_clients, config.reply_timeout, "label query", {})
     queries = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
     ]

@@ -64,6 +64,20 @@ def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> Metri
     return merged
 
 
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, stage: str, known: Mapping[int, str]) -> list[int]:
+    """The connected nodes once `needed` are; Flower's sampling waits forever, this fails after `timeout`
+    seconds naming the known nodes that are gone."""
+    deadline = time.monotonic() + timeout
+    while len(online := list(grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            lost = [name for node, name in known.items() if node not in online]
+            raise RoundFailed(
+                f"{stage}: {len(online)} of {needed} nodes connected after {timeout:.0f} s" + (f"; lost: {', '.join(lost)}" if lost else "")
+            )
+        time.sleep(1)
+    return online
+
+
 class KeywiseMerge:
     """Mixin over a Flower FedAvg-family strategy: remembers the global model, merges key-wise."""
 
@@ -80,30 +94,17 @@ class KeywiseMerge:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
-        self.wait_for_nodes(server_round, grid)
+        wait_for_nodes(grid, self.min_available_nodes, self.reply_timeout, f"round {server_round}", self.node_names)  # type: ignore[attr-defined]
         self.sent = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.expected_replies = len(self.sent)
         return self.sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
-            self.wait_for_nodes(server_round, grid)
+            wait_for_nodes(grid, self.min_available_nodes, self.reply_timeout, f"round {server_round}", self.node_names)  # type: ignore[attr-defined]
         self.sent = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         self.expected_replies = len(self.sent)
         return self.sent
-
-    def wait_for_nodes(self, server_round: int, grid: Grid) -> None:
-        """Flower's sampling waits forever for enough nodes: give up after reply_timeout, naming the nodes lost."""
-        needed = int(self.min_available_nodes)  # type: ignore[attr-defined]
-        deadline = time.monotonic() + self.reply_timeout
-        while len(online := set(grid.get_node_ids())) < needed:
-            if time.monotonic() > deadline:
-                lost = [name for node, name in self.node_names.items() if node not in online]
-                raise RoundFailed(
-                    f"round {server_round}: {len(online)} of {needed} nodes connected after {self.reply_timeout:.0f} s"
-                    + (f"; lost: {', '.join(lost)}" if lost else "")
-                )
-            time.sleep(1)
 
     def node_of(self, reply: Message) -> str:
         """The client a reply is about. The SuperLink itself answers for a node that stopped sending

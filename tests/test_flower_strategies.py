@@ -129,7 +129,7 @@ def test_a_round_waiting_for_a_node_that_left_gives_up_after_the_reply_timeout_n
     strategy.node_names = {7: "node 7 (bio-0)", 9: "node 9 (legal-0)"}
 
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 nodes connected after 0 s; lost: node 9 \(legal-0\)"):
-        strategy.wait_for_nodes(2, FakeGrid([7]))
+        strategy.configure_train(2, ArrayRecord(toy_global()), ConfigRecord(), FakeGrid([7]))
 
 
 @pytest.mark.parametrize(
