@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 import time
 from dataclasses import fields, replace
-from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,17 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from fl.experiment import run_experiment
+    from fl.server_app import package_versions
 
-    run_experiment(config, model_path, data, strategies, Path(args.out), versions())
+    run_experiment(config, model_path, data, strategies, Path(args.out), package_versions())
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")
     return 0
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ["flwr", "torch", "transformers", "datasets", "numpy", "ray"]:
-        found[package] = version(package)
-    return found
 
 
 if __name__ == "__main__":
