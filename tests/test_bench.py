@@ -1,0 +1,89 @@
+"""Smoke test of bench/: each script starts on its smallest size and prints one valid JSON object.
+
+The four scripts run at the same time (most of their time is start-up: imports, Ray, worker processes), each
+in its own subprocess with a timeout; each test then checks its script's output.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("aggregate.py", "align.py", "overhead.py", "scale.py")
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    folder = tmp_path_factory.mktemp("bench")
+    started = {}
+    for script in SCRIPTS:
+        out = folder / script.replace(".py", ".json")
+        command = [sys.executable, str(ROOT / "bench" / script), "--small", "--out", str(out)]
+        started[script] = (subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+    done = {}
+    for script, (process, out) in started.items():
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        done[script] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), out)
+    return done
+
+
+def result_of(smoke_runs: dict, script: str) -> dict:
+    completed, out = smoke_runs[script]
+    assert completed.returncode == 0, f"{script} exited {completed.returncode}: {completed.stderr[-3000:]}"
+    printed = json.loads(completed.stdout)
+    assert printed == json.loads(out.read_text())
+    return printed
+
+
+def test_aggregate_prints_json_with_ours_matching_flower(smoke_runs) -> None:
+    result = result_of(smoke_runs, "aggregate.py")
+
+    (case,) = result["cases"]
+    assert case["clients"] == 2
+    assert case["max_abs_diff_ours_vs_flower"] < 1e-5
+
+
+def test_align_prints_json_and_recovers_the_planted_permutation(smoke_runs) -> None:
+    result = result_of(smoke_runs, "align.py")
+
+    assert result["ours_recovered"] is True
+
+
+def test_overhead_prints_json_and_flower_trains_exactly_what_the_bare_loop_trains(smoke_runs) -> None:
+    result = result_of(smoke_runs, "overhead.py")
+
+    assert result["final_weights_max_abs_diff"]["flower vs bare-parallel"] == 0.0
+    assert result["ratios"]["flower / bare-parallel"] > 0
+    assert {"bare-parallel", "flower", "bare-sequential"} == set(result["regimes"])
+
+
+def test_scale_prints_json_with_one_finished_case(smoke_runs) -> None:
+    result = result_of(smoke_runs, "scale.py")
+
+    (case,) = result["cases"]
+    assert case["exit_code"] == 0, case.get("error")
+    assert case["replies_per_round"] == [2]
+    assert case["peak_pss_gib"] > 0
+
+
+def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> None:
+    from dataclasses import replace
+
+    from fl.capacity import CapacityError, check_fits
+    from fl.config import RunConfig
+    from fl.model import default_model_path
+
+    config = replace(RunConfig(), clients_per_domain=500)
+
+    with pytest.raises(CapacityError, match=r"^--clients-per-domain 500: 1000 clients need about [\d.]+ GiB") as error:
+        check_fits(config, str(default_model_path()), available=16 * 2**30)
+    assert "\n" not in str(error.value)
+    assert check_fits(replace(config, clients_per_domain=1), str(default_model_path()), available=16 * 2**30).num_clients == 2
