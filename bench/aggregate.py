@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from emit import emit_json
 
 import numpy as np
 import torch
@@ -195,10 +196,7 @@ def main() -> None:
     report["cases"] = sorted(cases, key=lambda c: (list(MODELS).index(c["model"]), c["clients"]))
     report["loadavg_at_end"] = os.getloadavg()
     report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":

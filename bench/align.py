@@ -12,7 +12,6 @@ freshly permuted copies. Prints one JSON object; ``--out`` also writes it to a f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from pathlib import Path
+
+from emit import emit_json
 
 import numpy as np
 import torch
@@ -157,10 +158,7 @@ def main() -> None:
         "ours_recovered": _recovered(planted, ours),
         "reference_recovered": _recovered(planted, reference),
     }
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out, indent=None)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import pickle
 import subprocess
@@ -36,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+
+from emit import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -468,10 +469,7 @@ def main() -> None:
                                        if n != "flower"},
         "total_s": time.perf_counter() - started,
     }
-    text = json.dumps({**rounded(report), "config": config.to_record()}, indent=2)  # type: ignore[dict-item]
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json({**rounded(report), "config": config.to_record()}, args.out)  # type: ignore[dict-item]
 
 
 if __name__ == "__main__":

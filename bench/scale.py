@@ -25,6 +25,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from emit import emit_json
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.25
 GIB = 2**30
@@ -237,10 +239,7 @@ def main() -> None:
     report["cases"] = cases
     report["loadavg_at_end"] = os.getloadavg()
     report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":
