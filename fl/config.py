@@ -12,6 +12,7 @@ from fl.training import SCHEDULES, TrainSettings
 
 
 INITS = ("shared", "permuted")
+NODE_LOSS = ("fail", "continue")
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,8 @@ class RunConfig:
     align_residual: bool = True  # the aligned strategy also permutes the residual stream
     client_eval: bool = False  # clients also score their own test split each round (the server always scores all)
     server_data: bool = True  # false: the server holds no text (a deployment): no baselines, clients score themselves
-    reply_timeout: float = 3600.0  # seconds the server waits for a round's replies; a node that drops fails the round
+    reply_timeout: float = 3600.0  # seconds the server waits for a round's replies, or for a lost node to come back
+    on_node_loss: str = "fail"  # a node that drops mid-run: 'fail' the run naming it, or 'continue' with the rest
     seed: int = 0
 
     @property
@@ -86,6 +88,8 @@ class RunConfig:
             raise ConfigError(f"--init {self.init}: expected one of {', '.join(INITS)}")
         if not self.reply_timeout > 0:
             raise ConfigError(f"--reply-timeout {self.reply_timeout}: expected a number of seconds > 0")
+        if self.on_node_loss not in NODE_LOSS:
+            raise ConfigError(f"--on-node-loss {self.on_node_loss}: expected one of {', '.join(NODE_LOSS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
         if self.proximal_mu < 0:

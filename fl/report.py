@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fl.evaluation import Score  # noqa: E402
@@ -125,28 +126,62 @@ def markdown(rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str
     return "\n".join(lines) + "\n"
 
 
+def label_positions(values: Sequence[float], min_gap: float) -> list[float]:
+    """Heights for labels of lines at `values`: each crowded group spread `min_gap` apart around its mean,
+    labels with room left at their line's height."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    groups: list[list[int]] = []  # runs of labels (in height order) that must be spread together
+
+    def spread(group: list[int]) -> list[float]:
+        centre = sum(values[i] for i in group) / len(group)
+        return [centre + (k - (len(group) - 1) / 2) * min_gap for k in range(len(group))]
+
+    for i in order:
+        groups.append([i])
+        while len(groups) > 1 and spread(groups[-2])[-1] + min_gap > spread(groups[-1])[0] + 1e-12:
+            groups[-2:] = [groups[-2] + groups[-1]]
+    heights = [0.0] * len(values)
+    for group in groups:
+        for i, height in zip(group, spread(group)):
+            heights[i] = height
+    return heights
+
+
 def plot_curves(
     path: Path,
     curves: Mapping[str, Mapping[int, Scores]],
     baselines: Mapping[str, Scores],
     domains: Sequence[str],
 ) -> None:
-    """Per-round accuracy of each strategy on each domain, baselines as horizontal lines."""
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    """Per-round accuracy of each strategy on each domain, baselines as horizontal lines labelled on the right
+    (baselines with the same accuracy share a line and a label, e.g. the ensemble and the domain's expert)."""
+    fig, axes = plt.subplots(1, len(domains), figsize=(6.5 * len(domains), 4.2), squeeze=False)
     styles = ["--", ":", "-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1))]
     for ax, domain in zip(axes[0], domains):
-        for (name, scores), style in zip(baselines.items(), styles * 2):
-            ax.axhline(scores[domain].accuracy, linestyle=style, color="grey", linewidth=1)
-            ax.annotate(name, (0, scores[domain].accuracy), fontsize=7, color="dimgrey", va="bottom")
+        levels: dict[float, list[str]] = {}
+        for name, scores in baselines.items():
+            levels.setdefault(scores[domain].accuracy, []).append(name)
+        for (level, names), style in zip(levels.items(), styles * 2):
+            ax.axhline(level, linestyle=style, color="grey", linewidth=1)
         for name, rounds in curves.items():
             xs = sorted(rounds)
             ax.plot(xs, [rounds[r][domain].accuracy for r in xs], marker="o", label=name)
+        low, high = ax.get_ylim()
+        heights = label_positions(list(levels), 0.045 * (high - low))
+        for (level, names), height in zip(levels.items(), heights):
+            ax.annotate(
+                " = ".join(names), (1.0, level), xytext=(1.02, height), textcoords=("axes fraction", "data"),
+                xycoords=("axes fraction", "data"), fontsize=7, color="dimgrey", va="center",
+                arrowprops={"arrowstyle": "-", "color": "lightgrey", "linewidth": 0.6},
+            )
+        ax.set_ylim(low, high)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{domain}: global model accuracy per round")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

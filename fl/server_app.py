@@ -91,6 +91,7 @@ def run_on_grid(
         num_heads=num_attention_heads(config.model),
         align_residual=config.align_residual,
         reply_timeout=config.reply_timeout,
+        continue_on_loss=config.on_node_loss == "continue",
     )
     result = strategy.start(
         grid=grid,

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from fl.baselines import load_data
+    from fl.capacity import check_fits
     from strategies.flower import STRATEGIES
 
     try:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown strategy '{','.join(unknown)}': expected some of {', '.join(STRATEGIES)}")
         parse_partition_scheme(config.partition)
         model_path = check_model(config.model)
+        check_fits(config, str(model_path))  # too many clients for this machine's memory: refuse now, not mid-round
         data = load_data(config)
     except (ConfigError, DataError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)

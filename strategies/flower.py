@@ -5,6 +5,9 @@ the clients that sent it, weighted by ``num-examples``, so a domain head is neve
 that did not train it; keys nobody sent keep their global value. Replies are checked against the
 global model before anything is averaged, and a round (training or client evaluation) with a failed or
 missing client raises instead of silently keeping the old weights (Flower's default), naming the node.
+With ``continue_on_loss`` a node that is lost (no heartbeat, a crashed ClientApp, no reply in time) is
+dropped instead: the round merges the remaining replies, the loss is logged and recorded per round, and
+later rounds stop waiting for it. A ClientApp that raises still fails the run: that is a bug, not a loss.
 Client evaluations are averaged per domain.
 """
 
@@ -16,6 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -29,6 +33,13 @@ log = logging.getLogger(__name__)
 
 class RoundFailed(RuntimeError):
     """A training round cannot produce a trustworthy global model."""
+
+
+# Errors the SuperLink or the node's runtime writes when a node or its ClientApp process is gone, as opposed
+# to the ClientApp raising (codes 1, 2) or refusing the app (6, 7).
+LOST_NODE_CODES = frozenset(
+    {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED}
+)
 
 
 def describe_client(msg: Message) -> str:
@@ -84,9 +95,11 @@ class KeywiseMerge:
     arrayrecord_key: str
     weighted_by_key: str
 
-    def __init__(self, *args: object, reply_timeout: float = 3600.0, **kwargs: object) -> None:
+    def __init__(self, *args: object, reply_timeout: float = 3600.0, continue_on_loss: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.reply_timeout = reply_timeout  # also how long a round waits for lost nodes to come back
+        self.continue_on_loss = continue_on_loss
+        self.lost_nodes: dict[int, list[dict[str, str]]] = {}  # continue mode: round -> stage, node, reason of each loss
         self.global_state: dict[str, torch.Tensor] = {}
         self.client_history: list[dict[str, object]] = []
         self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
@@ -117,22 +130,43 @@ class KeywiseMerge:
     def node_name(self, node: int) -> str:
         return self.node_names.get(node, f"node {node}")
 
-    def check_replies(self, server_round: int, stage: str, replies: list[Message]) -> None:
-        """Raise RoundFailed unless every client sent to answered without error."""
+    def usable_replies(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
+        """The replies to merge: all of them, or RoundFailed naming every failed or silent node; in continue
+        mode lost nodes are dropped (and remembered) as long as one client answered and none raised."""
         for msg in replies:
             if not msg.has_error():
                 self.node_names[msg.metadata.src_node_id] = describe_client(msg)
         failed = [m for m in replies if m.has_error()]
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
+        silent += ["?"] * max(0, self.expected_replies - len(replies) - len(silent))
+        ok = [m for m in replies if not m.has_error()]
+        raised = [m for m in failed if m.error.code not in LOST_NODE_CODES]
+        if self.continue_on_loss and ok and not raised:
+            if failed or silent:
+                self.drop_lost(server_round, stage, failed, silent, len(ok))
+            return ok
+        hint = " (on-node-loss=continue would finish rounds with the remaining clients)" if failed and not raised and not self.continue_on_loss else ""
         if failed:
             reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
-            raise RoundFailed(f"round {server_round} {stage}: {len(failed)} of {len(replies)} clients failed: {reasons}")
-        if len(replies) < self.expected_replies:
-            answered = {m.metadata.reply_to_message_id for m in replies}
-            silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
+            raise RoundFailed(f"round {server_round} {stage}: {len(failed)} of {len(replies)} clients failed: {reasons}{hint}")
+        if silent:
+            named = [n for n in silent if n != "?"]
             raise RoundFailed(
                 f"round {server_round} {stage}: {len(replies)} replies for {self.expected_replies} clients "
-                f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
+                f"(timeout or lost node{': ' if named else ''}{', '.join(named)})"
             )
+        return ok
+
+    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[str], remaining: int) -> None:
+        """Record and log the lost nodes, and let later rounds start with the nodes that are left."""
+        losses = [(self.node_of(m), error_text(m.error.reason)) for m in failed] + [(n, "no reply in time") for n in silent]
+        for node, reason in losses:
+            self.lost_nodes.setdefault(server_round, []).append({"stage": stage, "node": node, "reason": reason})
+            log.warning("round %d %s: lost %s (%s); continuing with %d clients", server_round, stage, node, reason, remaining)
+        self.min_available_nodes = self.min_train_nodes = min(self.min_train_nodes, remaining)  # type: ignore[attr-defined, has-type]
+        if self.min_evaluate_nodes:  # type: ignore[attr-defined, has-type]
+            self.min_evaluate_nodes = min(self.min_evaluate_nodes, remaining)  # type: ignore[has-type]
 
     def client_states(self, replies: list[Message]) -> Iterable[tuple[dict[str, torch.Tensor], float]]:
         """Decode one client at a time (peak memory: one client copy), checked against the global model."""
@@ -149,8 +183,7 @@ class KeywiseMerge:
         return mean.result()
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self.check_replies(server_round, "train", replies)
+        replies = self.usable_replies(server_round, "train", list(replies))
         for msg in replies:
             if self.weighted_by_key not in msg.content["metrics"]:
                 raise RoundFailed(f"round {server_round}: {describe_client(msg)} sent no '{self.weighted_by_key}'")
@@ -162,14 +195,14 @@ class KeywiseMerge:
                 "clients": [
                     {"client": describe_client(m), **{k: v for k, v in m.content["metrics"].items()}} for m in replies
                 ],
+                "lost": self.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
             }
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)  # type: ignore[attr-defined]
         return ArrayRecord(merged, keep_input=False), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        self.check_replies(server_round, "evaluate", replies)
+        replies = self.usable_replies(server_round, "evaluate", list(replies))
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 
@@ -214,6 +247,7 @@ def make_strategy(
     num_heads: int = 0,
     align_residual: bool = True,
     reply_timeout: float = 3600.0,
+    continue_on_loss: bool = False,
 ) -> FedAvg:
     """Build a registered strategy that trains every client each round."""
     if name not in STRATEGIES:
@@ -226,6 +260,7 @@ def make_strategy(
         "min_evaluate_nodes": num_clients if client_eval else 0,
         "evaluate_metrics_aggr_fn": per_domain_metrics,
         "reply_timeout": reply_timeout,
+        "continue_on_loss": continue_on_loss,
     }
     if name == "fedprox":
         return MergeFedProx(proximal_mu=proximal_mu, **common)

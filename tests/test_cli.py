@@ -64,3 +64,10 @@ def test_model_path_that_is_not_a_model(tmp_path: Path, capsys, no_model_loading
     code, err = run_cli(["--model", str(tmp_path)], capsys)
 
     assert code == 2 and len(err.splitlines()) == 1 and str(tmp_path) in err
+
+
+def test_a_federation_too_large_for_this_machines_memory(capsys, no_model_loading) -> None:
+    code, err = run_cli(["--clients-per-domain", "400"], capsys)
+
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--clients-per-domain 400: 800 clients need about" in err and "clients fit" in err

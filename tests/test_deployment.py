@@ -446,21 +446,43 @@ def test_deployment_over_tls_with_supernode_auth_and_no_text_on_the_server(flowe
     assert labels == {"bio": ["class-0", "class-1", "class-2"], "legal": ["class-0", "class-1", "class-2"]}
 
 
-def test_a_supernode_with_a_bad_role_and_one_lost_mid_run_fail_the_run_naming_each(flower: Flower, run_config) -> None:
-    deployment = start_deployment(flower, {"law": 'domain="law" partition-id=0 num-partitions=1', "legal": LEGAL})
-    law, legal = deployment.node_ids["law"], deployment.node_ids["legal"]
-
-    proc = flower.start("run", "flwr", "run", ".", deployment.connection, "--stream", "--run-config", str(run_config()))
+def start_run_and_kill_legal_in_round_1(flower: Flower, deployment: Deployment, config_file: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    proc = flower.start("run", "flwr", "run", ".", deployment.connection, "--stream", "--run-config", str(config_file))
     run_id = flower.wait_for("run", r"Successfully started run (\d+)", 120).group(1)
     flower.wait_for("run", r"\[ROUND 1/2\]", RUN_TIMEOUT)
     os.killpg(deployment.nodes["legal"].pid, signal.SIGKILL)  # no goodbye: the SuperLink misses its heartbeats (<= 60 s)
     proc.wait(RUN_TIMEOUT)
+    return run_id, proc
+
+
+def test_supernodes_with_a_bad_role_and_one_lost_mid_run_fail_the_run_naming_each(flower: Flower, run_config) -> None:
+    roles = {"law": 'domain="law" partition-id=0 num-partitions=1', "bio": 'domain="bio" partition-id=1 num-partitions=1', "legal": LEGAL}
+    deployment = start_deployment(flower, roles)
+    law, bio, legal = (deployment.node_ids[name] for name in roles)
+
+    run_id, _ = start_run_and_kill_legal_in_round_1(flower, deployment, run_config())
 
     run = flower.status(deployment.connection, run_id)
     assert run["status"] == "finished:failed", flower.log("run")[-3000:]
     details = str(run["status-details"])
     assert "\n" not in details
-    assert "round 1 train: 2 of 2 clients failed" in details
-    assert f"node {law}: node domain 'law' is unknown: expected one of bio, legal;" in details
+    assert "round 1 train: 3 of 3 clients failed" in details
+    assert f"node {law}: node domain 'law' is unknown: expected one of bio, legal" in details
+    assert f"node {bio}: partition-id 1 out of range: expected 0..0" in details
     assert f"node {legal}: Error: Node Unavailable" in details
     assert flower.log("law").count("node domain 'law' is unknown") >= 1
+    assert flower.log("bio").count("partition-id 1 out of range: expected 0..0") >= 1
+
+
+def test_with_on_node_loss_continue_a_lost_supernode_is_dropped_and_the_run_completes(flower: Flower, run_config, tmp_path: Path) -> None:
+    deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL})
+
+    run_id, _ = start_run_and_kill_legal_in_round_1(flower, deployment, run_config(**{"on-node-loss": "continue"}))
+
+    run = flower.status(deployment.connection, run_id)
+    assert run["status"] == "finished:completed", flower.log("run")[-3000:]
+    history = json.loads((tmp_path / "out" / "results.json").read_text())["strategies"]["fedavg"]["clients"]
+    lost = [(h["round"], entry) for h in history for entry in h["lost"]]
+    assert [(r, e["node"], e["stage"]) for r, e in lost] == [(1, f"node {deployment.node_ids['legal']}", "train")]
+    assert "Node Unavailable" in lost[0][1]["reason"]
+    assert [[c["client"] for c in h["clients"]] for h in history] == [[f"node {deployment.node_ids['bio']} (bio-0)"]] * 2

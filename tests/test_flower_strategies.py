@@ -5,16 +5,18 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from transformers import AutoModel
 
 from strategies.aggregation import UpdateError
-from strategies.flower import RoundFailed, error_text, make_strategy, per_domain_metrics
+from strategies.flower import RoundFailed, error_text, make_strategy, per_domain_metrics, wait_for_nodes
 from tests.conftest import tiny_bert_config
 
 
 @dataclass
 class FakeError:
     reason: str
+    code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 @dataclass
@@ -55,8 +57,8 @@ def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int)
     return FakeReply(content, node)
 
 
-def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int):
-    strategy = make_strategy(name, clients, proximal_mu=0.1, client_eval=False, num_heads=4)
+def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int, continue_on_loss: bool = False):
+    strategy = make_strategy(name, clients, proximal_mu=0.1, client_eval=False, num_heads=4, continue_on_loss=continue_on_loss)
     strategy.global_state = global_state
     strategy.expected_replies = clients
     return strategy
@@ -99,21 +101,61 @@ def test_a_missing_reply_fails_the_round() -> None:
         strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2)}, 5, "bio", 1)])
 
 
-def test_a_node_the_superlink_reports_lost_is_named_by_the_message_it_did_not_answer() -> None:
-    strategy = strategy_with_global("fedavg", toy_global(), 2)
+def bio_answers_legal_is_lost(strategy, lost_code: int = ErrorCode.NODE_UNAVAILABLE):
+    """Node 7 (bio) replies with encoder 1s; node 9 (legal) is answered for by the SuperLink (node 1)."""
     sent = [FakeReply(None, 0), FakeReply(None, 0)]
     for msg, (message_id, node) in zip(sent, [("m-bio", 7), ("m-legal", 9)]):
         msg.metadata.message_id, msg.metadata.dst_node_id = message_id, node
     strategy.sent = sent
-    ok = reply({"encoder.w": torch.ones(2)}, 5, "bio", 7)
+    ok = reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 7)
     ok.metadata.reply_to_message_id = "m-bio"
-    lost = FakeReply(None, 1, FakeError("Error: Node Unavailable - no heartbeat"))  # written by the SuperLink (node 1)
+    lost = FakeReply(None, 1, FakeError("Error: Node Unavailable - no heartbeat", lost_code))
     lost.metadata.reply_to_message_id = "m-legal"
+    return ok, lost
 
-    with pytest.raises(RoundFailed, match="node 9: Error: Node Unavailable"):
+
+def test_a_node_the_superlink_reports_lost_is_named_by_the_message_it_did_not_answer() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    ok, lost = bio_answers_legal_is_lost(strategy)
+
+    with pytest.raises(RoundFailed, match="node 9: Error: Node Unavailable.*on-node-loss=continue would finish"):
         strategy.aggregate_train(1, [ok, lost])
     with pytest.raises(RoundFailed, match=r"lost node: node 9\)"):
         strategy.aggregate_train(1, [ok])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("how", ["superlink-error", "no-reply"])
+def test_in_continue_mode_a_lost_node_is_dropped_recorded_and_no_longer_waited_for(name: str, how: str) -> None:
+    strategy = strategy_with_global(name, toy_global(), 2, continue_on_loss=True)
+    ok, lost = bio_answers_legal_is_lost(strategy)
+
+    arrays, _ = strategy.aggregate_train(3, [ok, lost] if how == "superlink-error" else [ok])
+    merged = arrays.to_torch_state_dict()
+
+    assert torch.equal(merged["encoder.w"], torch.ones(2)) and torch.equal(merged["heads.bio.weight"], torch.ones(1))
+    assert torch.equal(merged["heads.legal.weight"], torch.zeros(1))  # the lost domain's head is left as it was
+    (entry,) = strategy.client_history[0]["lost"]
+    assert strategy.client_history[0]["round"] == 3 and entry["node"] == "node 9" and entry["stage"] == "train"
+    assert ("Node Unavailable" if how == "superlink-error" else "no reply") in entry["reason"]
+    assert (strategy.min_available_nodes, strategy.min_train_nodes) == (1, 1)
+    assert wait_for_nodes(FakeGrid([7]), strategy.min_available_nodes, 0.1, "round 4", strategy.node_names) == [7]
+
+
+def test_in_continue_mode_a_client_that_raised_still_fails_the_run() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2, continue_on_loss=True)
+    ok, broken = bio_answers_legal_is_lost(strategy, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+
+    with pytest.raises(RoundFailed, match="node 9: Error: Node Unavailable - no heartbeat$"):
+        strategy.aggregate_train(1, [ok, broken])
+
+
+def test_in_continue_mode_a_round_with_every_node_lost_fails() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2, continue_on_loss=True)
+    _, lost = bio_answers_legal_is_lost(strategy)
+
+    with pytest.raises(RoundFailed, match="1 of 1 clients failed: node 9"):
+        strategy.aggregate_train(1, [lost])
 
 
 class FakeGrid:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from fl.evaluation import Score, macro_f1
-from fl.report import effects, markdown, paired_difference, plot_curves, table_row
+from fl.report import effects, label_positions, markdown, paired_difference, plot_curves, table_row
 
 
 def score(correct: list[bool]) -> Score:
@@ -62,3 +62,12 @@ def test_markdown_and_plot_are_written(tmp_path: Path) -> None:
 
     assert "| base |" in text and "bio accuracy" in text
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_baseline_labels_keep_their_lines_height_unless_they_would_overlap() -> None:
+    assert label_positions([0.9, 0.5, 0.7], 0.05) == [0.9, 0.5, 0.7]
+
+    crowded = label_positions([0.80, 0.81, 0.50], 0.05)
+
+    assert crowded[2] == 0.50
+    assert crowded[1] - crowded[0] >= 0.05 - 1e-12 and crowded[0] <= 0.80 <= crowded[1]
