@@ -107,12 +107,12 @@ def flower(records: list[RecordDict]) -> ArrayRecord:
 
 def ours(records: list[RecordDict]) -> ArrayRecord:
     states = ((record_views(r["arrays"]), float(r["metrics"]["num-examples"])) for r in records)
-    return ArrayRecord(weighted_mean(states, blocked=True), keep_input=False)  # frees each sum as soon as it is encoded
+    return ArrayRecord(weighted_mean(states), keep_input=False)  # frees each sum as soon as it is encoded
 
 
 def ours_kernel(records: list[RecordDict]) -> dict[str, torch.Tensor]:
     states = ((record_views(r["arrays"]), float(r["metrics"]["num-examples"])) for r in records)
-    return weighted_mean(states, blocked=True)
+    return weighted_mean(states)
 
 
 METHODS = {"flower": flower, "ours": ours, "ours-kernel": ours_kernel}

@@ -72,26 +72,15 @@ def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, Val
             raise UpdateError(f"{client}: key '{key}' has non-finite values (NaN or Inf)")
 
 
-BLOCK = 1 << 20  # elements: 4 MiB of float32 sums stay in the last-level cache while every client is added; smaller
-# blocks lost more to per-call overhead than they saved (MiniLM x 32 clients: 2^16 slower than streaming, 2^20 25% faster)
-
-
 class StreamingMean:
     """Weighted mean accumulated one client state at a time: peak extra memory is one float32 (float64 for float64
     inputs) buffer per key, whatever the number of clients.
 
     ``add`` is atomic: a state that fails a consistency check (UpdateError) leaves the sums untouched.
     ``result`` divides the buffers in place and hands them out, so it may be called once.
-
-    ``blocked=True`` is for states that are in memory anyway (zero-copy views of the replies Flower holds): ``add``
-    only checks and keeps references, and ``result`` sums block by block, adding every client into a cache-sized
-    block before moving to the next, so the sums are written once instead of read and written once per client.
-    Same result, same extra memory; do not use it with states decoded one at a time, which it would keep alive.
     """
 
-    def __init__(self, blocked: bool = False) -> None:
-        self._blocked: dict[str, list[tuple[torch.Tensor, float]]] | None = {} if blocked else None
-        self._seen: dict[str, torch.Tensor] = {}  # the first tensor of every float key, for the consistency checks
+    def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._totals: dict[str, float] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -116,13 +105,7 @@ class StreamingMean:
             self._check_consistent(key, t, label)
         for key, t in tensors.items():
             if t.is_floating_point():
-                self._seen.setdefault(key, t)
-                self._dtypes.setdefault(key, t.dtype)
-                self._totals[key] = self._totals.get(key, 0.0) + weight
-                if self._blocked is None:
-                    self._accumulate(key, t, weight)
-                else:
-                    self._blocked.setdefault(key, []).append((t, weight))
+                self._accumulate(key, t, weight)
             elif key not in self._integers:
                 self._integers[key] = t.clone()
         self._num_states += 1
@@ -134,9 +117,6 @@ class StreamingMean:
         if self._num_states == 0:
             raise ValueError("no states to average")
         self._finished = True
-        for key, terms in (self._blocked or {}).items():
-            self._sums[key] = blocked_sum(terms)
-        self._blocked = None
         merged: dict[str, torch.Tensor] = {}
         for key, buf in self._sums.items():
             buf.div_(self._totals[key])
@@ -145,10 +125,10 @@ class StreamingMean:
         return merged
 
     def _check_consistent(self, key: str, t: torch.Tensor, label: str) -> None:
-        known = self._seen.get(key, self._integers.get(key))
+        known = self._sums.get(key, self._integers.get(key))
         if known is None:
             return
-        if t.is_floating_point() != (key in self._seen):
+        if t.is_floating_point() != (key in self._sums):
             raise UpdateError(f"{label}: key '{key}' has dtype {t.dtype}, earlier states had {self._dtypes.get(key, known.dtype)}")
         if t.shape != known.shape:
             raise UpdateError(f"{label}: key '{key}' has shape {tuple(t.shape)}, earlier states had {tuple(known.shape)}")
@@ -158,37 +138,20 @@ class StreamingMean:
     def _accumulate(self, key: str, t: torch.Tensor, weight: float) -> None:
         buf = self._sums.get(key)
         if buf is None:
-            acc_dtype = accumulator_dtype(t)
+            self._dtypes[key] = t.dtype
+            acc_dtype = torch.promote_types(t.dtype, torch.float32)
             self._sums[key] = torch.mul(t, weight) if t.dtype == acc_dtype else t.to(acc_dtype).mul_(weight)
+            self._totals[key] = weight
             return
         # float32 input: one fused in-place pass (read t, read and write buf). float16/bfloat16 are upcast first:
         # torch's mixed-dtype add_ is about half as fast as converting then adding.
         buf.add_(t if t.dtype == buf.dtype else t.to(buf.dtype), alpha=weight)
+        self._totals[key] += weight
 
 
-def accumulator_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def blocked_sum(terms: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """sum(weight * t) computed block by block, every term added into a block while it is in cache."""
-    first = terms[0][0]
-    out = torch.empty(first.shape, dtype=accumulator_dtype(first))
-    flat_out = out.view(-1)
-    flats = [(t.reshape(-1), w) for t, w in terms]
-    for start in range(0, flat_out.numel(), BLOCK):
-        block = flat_out[start : start + BLOCK]
-        (head, head_weight), *rest = flats
-        torch.mul(head[start : start + BLOCK].to(block.dtype), head_weight, out=block)
-        for t, weight in rest:
-            block.add_(t[start : start + BLOCK], alpha=weight)
-    return out
-
-
-def weighted_mean(states: Iterable[tuple[Mapping[str, Value], float]], blocked: bool = False) -> dict[str, torch.Tensor]:
-    """Key-wise weighted mean of (state, weight) pairs; a generator lets the caller decode one client at a time
-    (``blocked=True`` only when the states are in memory anyway: see StreamingMean)."""
-    mean = StreamingMean(blocked)
+def weighted_mean(states: Iterable[tuple[Mapping[str, Value], float]]) -> dict[str, torch.Tensor]:
+    """Key-wise weighted mean of (state, weight) pairs; a generator lets the caller decode one client at a time."""
+    mean = StreamingMean()
     for state, weight in states:
         mean.add(state, weight)
         del state  # else the loop holds this state while the generator decodes the next: two client copies

@@ -176,9 +176,8 @@ class KeywiseMerge:
             yield state, float(msg.content["metrics"][self.weighted_by_key])
 
     def merge(self, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
-        """Key-wise weighted mean; subclasses (alignment) transform client states first. The states are views of
-        the replies Flower holds anyway, so they are summed block-wise (StreamingMean(blocked=True))."""
-        mean = StreamingMean(blocked=True)
+        """Key-wise weighted mean; subclasses (alignment) transform client states first."""
+        mean = StreamingMean()
         for state, weight in self.client_states(replies):
             mean.add(state, weight)
         return mean.result()

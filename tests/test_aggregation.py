@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from strategies.aggregation import BLOCK, StreamingMean, UpdateError, as_tensors, check_update, fedavg, weighted_mean
+from strategies.aggregation import StreamingMean, UpdateError, as_tensors, check_update, fedavg, weighted_mean
 
 TINY_BERT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 
@@ -54,12 +54,11 @@ def test_domain_head_is_averaged_only_over_its_own_clients():
 
 @pytest.mark.parametrize("num_clients", [1, 2, 7])
 @pytest.mark.parametrize("equal_weights", [True, False])
-@pytest.mark.parametrize("blocked", [False, True])
-def test_streaming_mean_matches_stacked_mean(bert_state, num_clients, equal_weights, blocked):
+def test_streaming_mean_matches_stacked_mean(bert_state, num_clients, equal_weights):
     clients = noisy_copies(bert_state, num_clients)
     weights = [100.0] * num_clients if equal_weights else [float(10 + 17 * i) for i in range(num_clients)]
 
-    merged = weighted_mean(zip(clients, weights), blocked=blocked)
+    merged = weighted_mean(zip(clients, weights))
 
     w = torch.tensor(weights)
     for key, value in bert_state.items():
@@ -68,33 +67,6 @@ def test_streaming_mean_matches_stacked_mean(bert_state, num_clients, equal_weig
         assert merged[key].dtype == value.dtype
         torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6, msg=key)
     assert set(merged) == set(bert_state)
-
-
-def test_blocked_sums_equal_streaming_sums_across_block_edges_and_dtypes():
-    generator = torch.Generator().manual_seed(0)
-    size = 2 * BLOCK + 3  # two full blocks and a ragged one
-    states = [
-        {"encoder.w": torch.randn(size, generator=generator), "encoder.h": torch.randn(3, 5, generator=generator).half()}
-        for _ in range(3)
-    ]
-    states[1]["heads.bio.weight"] = torch.randn(4, generator=generator)
-    pairs = list(zip(states, [3.0, 1.0, 7.0]))
-
-    streamed, blocked = weighted_mean(pairs), weighted_mean(pairs, blocked=True)
-
-    assert set(blocked) == set(streamed) and blocked["encoder.h"].dtype == torch.float16
-    for key in streamed:
-        torch.testing.assert_close(blocked[key], streamed[key], rtol=0, atol=1e-6, msg=key)
-    torch.testing.assert_close(blocked["heads.bio.weight"], states[1]["heads.bio.weight"])  # only client 1 sent it
-
-
-def test_blocked_mean_checks_each_state_as_it_is_added():
-    mean = StreamingMean(blocked=True)
-    mean.add({"encoder.w": torch.ones(3)}, 1.0)
-
-    with pytest.raises(UpdateError, match="shape"):
-        mean.add({"encoder.w": torch.ones(4)}, 1.0)
-    assert torch.equal(mean.result()["encoder.w"], torch.ones(3))
 
 
 def test_numpy_inputs_are_viewed_not_copied_and_read_only_ones_work():
