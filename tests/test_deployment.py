@@ -446,11 +446,14 @@ def test_deployment_over_tls_with_supernode_auth_and_no_text_on_the_server(flowe
     assert labels == {"bio": ["class-0", "class-1", "class-2"], "legal": ["class-0", "class-1", "class-2"]}
 
 
-def start_run_and_kill_legal_in_round_1(flower: Flower, deployment: Deployment, config_file: Path) -> tuple[str, subprocess.Popen[bytes]]:
+def start_run_and_kill_legal_in_round_1(
+    flower: Flower, deployment: Deployment, config_file: Path, sig: signal.Signals = signal.SIGKILL
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """SIGKILL: no goodbye, the SuperLink misses the node's heartbeats (<= 60 s). SIGTERM: the node signs off."""
     proc = flower.start("run", "flwr", "run", ".", deployment.connection, "--stream", "--run-config", str(config_file))
     run_id = flower.wait_for("run", r"Successfully started run (\d+)", 120).group(1)
     flower.wait_for("run", r"\[ROUND 1/2\]", RUN_TIMEOUT)
-    os.killpg(deployment.nodes["legal"].pid, signal.SIGKILL)  # no goodbye: the SuperLink misses its heartbeats (<= 60 s)
+    os.killpg(deployment.nodes["legal"].pid, sig)
     proc.wait(RUN_TIMEOUT)
     return run_id, proc
 
@@ -477,7 +480,7 @@ def test_supernodes_with_a_bad_role_and_one_lost_mid_run_fail_the_run_naming_eac
 def test_with_on_node_loss_continue_a_lost_supernode_is_dropped_and_the_run_completes(flower: Flower, run_config, tmp_path: Path) -> None:
     deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL})
 
-    run_id, _ = start_run_and_kill_legal_in_round_1(flower, deployment, run_config(**{"on-node-loss": "continue"}))
+    run_id, _ = start_run_and_kill_legal_in_round_1(flower, deployment, run_config(**{"on-node-loss": "continue"}), signal.SIGTERM)
 
     run = flower.status(deployment.connection, run_id)
     assert run["status"] == "finished:completed", flower.log("run")[-3000:]
