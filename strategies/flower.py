@@ -104,6 +104,7 @@ class KeywiseMerge:
         self.client_history: list[dict[str, object]] = []
         self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
         self.node_names: dict[int, str] = {}  # node id -> "node ID (domain-partition)", from earlier replies
+        self.merge_notes: dict[str, dict[str, object]] = {}  # this round: client -> what merging found (results.json)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
@@ -188,12 +189,14 @@ class KeywiseMerge:
             if self.weighted_by_key not in msg.content["metrics"]:
                 raise RoundFailed(f"round {server_round}: {describe_client(msg)} sent no '{self.weighted_by_key}'")
         merged = dict(self.global_state)
+        self.merge_notes = {}
         merged.update(self.merge(server_round, replies))
         self.client_history.append(
             {
                 "round": server_round,
                 "clients": [
-                    {"client": describe_client(m), **{k: v for k, v in m.content["metrics"].items()}} for m in replies
+                    {"client": describe_client(m), **dict(m.content["metrics"].items()), **self.merge_notes.get(describe_client(m), {})}
+                    for m in replies
                 ],
                 "lost": self.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
             }
@@ -225,7 +228,6 @@ class MergeAligned(KeywiseMerge, FedAvg):
         super().__init__(*args, **kwargs)
         self.num_heads = num_heads
         self.residual = residual
-        self.moved_units: list[dict[str, object]] = []  # how far each client was from identity, per round
 
     def merge(self, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
         spec = permutation_spec(self.global_state, self.num_heads, residual=self.residual)
@@ -233,7 +235,7 @@ class MergeAligned(KeywiseMerge, FedAvg):
         for (state, weight), msg in zip(self.client_states(replies), replies):
             perms = match_weights(self.global_state, state, spec, seed=server_round)
             moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
-            self.moved_units.append({"round": server_round, "client": describe_client(msg), "moved-units": moved})
+            self.merge_notes[describe_client(msg)] = {"moved-units": moved}  # how far the client was from identity
             log.info("aligned: round %d %s: %d units moved", server_round, describe_client(msg), moved)
             mean.add(apply_permutation(state, spec, perms), weight)
         return mean.result()

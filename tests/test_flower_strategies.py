@@ -224,7 +224,7 @@ def test_aligned_equals_fedavg_when_clients_are_small_updates_of_the_global_mode
 
     expected, got = fedavg.to_torch_state_dict(), aligned.to_torch_state_dict()
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
-    assert [m["moved-units"] for m in aligned_strategy.moved_units] == [0, 0]
+    assert [c["moved-units"] for c in aligned_strategy.client_history[0]["clients"]] == [0, 0]  # kept in results.json
 
 
 def test_unknown_strategy_names_the_value() -> None:
