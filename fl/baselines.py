@@ -89,7 +89,7 @@ def fit_base(bench: Workbench) -> tuple[State, Scores]:
 
 
 def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, seed: int, label: str) -> State:
-    """Train from `start` on the given domains (alternating batches), logging progress."""
+    """Train from `start` on the given domains (one batch of each per step), logging progress."""
     bench.model.load_state_dict(start)
     tick = time.monotonic()
 

