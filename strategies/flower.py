@@ -138,24 +138,23 @@ class KeywiseMerge:
             if not msg.has_error():
                 self.node_names[msg.metadata.src_node_id] = describe_client(msg)
         failed = [m for m in replies if m.has_error()]
-        answered = {m.metadata.reply_to_message_id for m in replies}
-        silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
-        silent += ["?"] * max(0, self.expected_replies - len(replies) - len(silent))
         ok = [m for m in replies if not m.has_error()]
         raised = [m for m in failed if m.error.code not in LOST_NODE_CODES]
+        missing = len(replies) < self.expected_replies
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
         if self.continue_on_loss and ok and not raised:
-            if failed or silent:
+            if failed or missing:
                 self.drop_lost(server_round, stage, failed, silent, len(ok))
             return ok
-        hint = " (on-node-loss=continue would finish rounds with the remaining clients)" if failed and not raised and not self.continue_on_loss else ""
         if failed:
             reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
+            hint = "" if raised or self.continue_on_loss else " (on-node-loss=continue would finish rounds with the remaining clients)"
             raise RoundFailed(f"round {server_round} {stage}: {len(failed)} of {len(replies)} clients failed: {reasons}{hint}")
-        if silent:
-            named = [n for n in silent if n != "?"]
+        if missing:
             raise RoundFailed(
                 f"round {server_round} {stage}: {len(replies)} replies for {self.expected_replies} clients "
-                f"(timeout or lost node{': ' if named else ''}{', '.join(named)})"
+                f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
             )
         return ok
 
