@@ -92,6 +92,7 @@ def run_on_grid(
         align_residual=config.align_residual,
         reply_timeout=config.reply_timeout,
         continue_on_loss=config.on_node_loss == "continue",
+        max_examples=config.local_steps * config.batch_size,
     )
     result = strategy.start(
         grid=grid,

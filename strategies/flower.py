@@ -2,8 +2,9 @@
 
 Each client returns the encoder plus the head of its own domain. Every returned key is averaged over
 the clients that sent it, weighted by ``num-examples``, so a domain head is never diluted by clients
-that did not train it; keys nobody sent keep their global value. Replies are checked against the
-global model before anything is averaged, and a round (training or client evaluation) with a failed or
+that did not train it; keys nobody sent keep their global value. Replies are checked before anything
+is averaged (keys, shapes, dtypes and finite values against the global model; a ``num-examples`` above what
+a round's steps allow), and a round (training or client evaluation) with a failed or
 missing client raises instead of silently keeping the old weights (Flower's default), naming the node.
 With ``continue_on_loss`` a node that is lost (no heartbeat, a crashed ClientApp, no reply in time) is
 dropped instead: the round merges the remaining replies, the loss is logged and recorded per round, and
@@ -14,6 +15,7 @@ Client evaluations are averaged per domain.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 
@@ -24,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from strategies.aggregation import StreamingMean, as_tensors, check_update
+from strategies.aggregation import StreamingMean, UpdateError, as_tensors, check_update
 from strategies.permutation import apply_permutation, match_weights, permutation_spec
 from strategies.records import record_views
 
@@ -95,8 +97,16 @@ class KeywiseMerge:
     arrayrecord_key: str
     weighted_by_key: str
 
-    def __init__(self, *args: object, reply_timeout: float = 3600.0, continue_on_loss: bool = False, **kwargs: object) -> None:
+    def __init__(
+        self,
+        *args: object,
+        reply_timeout: float = 3600.0,
+        continue_on_loss: bool = False,
+        max_examples: int | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.max_examples = max_examples  # the most examples one client can train on in a round (steps x batch)
         self.reply_timeout = reply_timeout  # also how long a round waits for lost nodes to come back
         self.continue_on_loss = continue_on_loss
         self.lost_nodes: dict[int, list[dict[str, str]]] = {}  # continue mode: round -> stage, node, reason of each loss
@@ -173,7 +183,20 @@ class KeywiseMerge:
         for msg in replies:
             state = as_tensors(record_views(msg.content[self.arrayrecord_key]))
             check_update(self.global_state, state, describe_client(msg))
-            yield state, float(msg.content["metrics"][self.weighted_by_key])
+            yield state, self.claimed_examples(msg)
+
+    def claimed_examples(self, msg: Message) -> float:
+        """A reply's averaging weight, refused when no client could have trained on that many examples: one
+        client claiming a million examples would otherwise own the global model."""
+        weight = float(msg.content["metrics"][self.weighted_by_key])
+        if not (math.isfinite(weight) and weight > 0):
+            raise UpdateError(f"{describe_client(msg)}: {self.weighted_by_key} {weight:g}: expected a number > 0")
+        if self.max_examples is not None and weight > self.max_examples:
+            raise UpdateError(
+                f"{describe_client(msg)}: {self.weighted_by_key} {weight:g}: expected at most {self.max_examples}"
+                " (local-steps x batch-size)"
+            )
+        return weight
 
     def merge(self, server_round: int, replies: list[Message]) -> dict[str, torch.Tensor]:
         """Key-wise weighted mean; subclasses (alignment) transform client states first."""
@@ -249,6 +272,7 @@ def make_strategy(
     align_residual: bool = True,
     reply_timeout: float = 3600.0,
     continue_on_loss: bool = False,
+    max_examples: int | None = None,
 ) -> FedAvg:
     """Build a registered strategy that trains every client each round."""
     if name not in STRATEGIES:
@@ -262,6 +286,7 @@ def make_strategy(
         "evaluate_metrics_aggr_fn": per_domain_metrics,
         "reply_timeout": reply_timeout,
         "continue_on_loss": continue_on_loss,
+        "max_examples": max_examples,
     }
     if name == "fedprox":
         return MergeFedProx(proximal_mu=proximal_mu, **common)

@@ -208,6 +208,16 @@ def test_a_nan_update_is_refused_before_averaging() -> None:
         strategy.aggregate_train(1, [reply({"encoder.w": torch.tensor([1.0, float("nan")])}, 5, "bio", 1)])
 
 
+@pytest.mark.parametrize(("examples", "expected"), [(0, "expected a number > 0"), (5000, "expected at most 640")])
+def test_a_num_examples_no_round_allows_is_refused_naming_the_client(examples: int, expected: str) -> None:
+    strategy = make_strategy("fedavg", 2, proximal_mu=0.0, client_eval=False, max_examples=640)
+    strategy.global_state, strategy.expected_replies = toy_global(), 2
+    honest = reply({"encoder.w": torch.ones(2)}, 640, "bio", 1)
+
+    with pytest.raises(UpdateError, match=rf"node 2 \(legal-0\): num-examples {examples}: {expected}"):
+        strategy.aggregate_train(1, [honest, reply({"encoder.w": torch.ones(2)}, examples, "legal", 2)])
+
+
 def test_aligned_equals_fedavg_when_clients_are_small_updates_of_the_global_model() -> None:
     torch.manual_seed(0)
     encoder = AutoModel.from_config(tiny_bert_config(vocab_size=100))
