@@ -88,6 +88,11 @@ def fit_base(bench: Workbench) -> tuple[State, Scores]:
     return state, bench.score(state)
 
 
+def expert_seed(seed: int, index: int) -> int:
+    """The training seed (batch order, dropout) of the expert of the index-th domain."""
+    return seed + 101 * (index + 1)
+
+
 def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, seed: int, label: str) -> State:
     """Train from `start` on the given domains (one batch of each per step), logging progress."""
     bench.model.load_state_dict(start)

@@ -18,6 +18,7 @@ from fl.baselines import (
     Scores,
     Workbench,
     ensemble,
+    expert_seed,
     fine_tune,
     fit_base,
     make_workbench,
@@ -89,7 +90,7 @@ def run_experiment(
     for i, domain in enumerate(domains):
         with clock.phase(f"{domain} expert ({budget} steps)"):
             expert_start = start_of_client(config, start, i * config.clients_per_domain)
-            experts[domain] = fine_tune(bench, expert_start, [domain], budget, config.seed + 101 * (i + 1), f"{domain} expert")
+            experts[domain] = fine_tune(bench, expert_start, [domain], budget, expert_seed(config.seed, i), f"{domain} expert")
             models[f"{domain}-expert"] = bench.score(experts[domain])
             bench.model.load_state_dict(experts[domain])
             save_merged(bench.model, bench.tokenizer, out / f"{domain}-expert", bench.label_names)

@@ -126,6 +126,19 @@ def markdown(rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str
     return "\n".join(lines) + "\n"
 
 
+def spread_markdown(header: str, runs: Mapping[str, Sequence[Effect]]) -> str:
+    """One row per effect, one column per run (e.g. per training seed), and in how many runs it holds."""
+    names = list(runs)
+    claims = [e.claim for e in next(iter(runs.values()))]
+    lines = [header, "", "| effect | " + " | ".join(names) + " | holds in |", "|---|" + "---|" * (len(names) + 1)]
+    for i, claim in enumerate(claims):
+        found = [runs[n][i] for n in names]
+        cells = [_fmt(e.difference) + (" *" if e.holds else "") for e in found]
+        lines.append(f"| {claim} | " + " | ".join(cells) + f" | {sum(e.holds for e in found)} of {len(found)} |")
+    lines += ["", "Differences in points [paired 95% bootstrap interval over test examples]; * = beyond noise."]
+    return "\n".join(lines) + "\n"
+
+
 def label_positions(values: Sequence[float], min_gap: float) -> list[float]:
     """Heights for labels of lines at `values`: each crowded group spread `min_gap` apart around its mean,
     labels with room left at their line's height."""

@@ -1,0 +1,105 @@
+"""Do the experts specialise and forget on this data, whatever the training seed?
+
+Fits the base probes once, then trains both experts (rounds x local-steps steps, as in bio_legal.py)
+once per training seed, scores each on both domains, merges them once (one-shot average), and reports
+in how many training seeds each effect of the headline holds beyond noise. The data split and the
+probes stay fixed (``--seed``); only batch order and dropout change. A few minutes per training seed
+on the embedded default, against the headline's 11-12 for one: check this before trusting one table.
+
+    python sims/expert_check.py                                   # training seeds 0, 1000, 2000
+    python sims/expert_check.py --training-seeds 0,1000,2000,3000 --out runs/expert_check
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fl.environment import configure  # noqa: E402
+
+configure(sys.argv[1:])
+
+from fl.cli import INPUT_ERRORS, build_config, run_options  # noqa: E402
+from fl.config import ConfigError  # noqa: E402
+from fl.model import check_model  # noqa: E402
+
+QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = run_options(__doc__.split("\n\n")[0], QUICK)
+    p.add_argument("--training-seeds", default="0,1000,2000", help="comma-separated offsets added to each expert's training seed")
+    p.add_argument("--out", default="runs/expert_check", help="output folder (expert_check.json, expert_check.md)")
+    return p.parse_args(argv)
+
+
+def parse_offsets(text: str) -> list[int]:
+    try:
+        offsets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        offsets = []
+    if not offsets or len(set(offsets)) != len(offsets):
+        raise ConfigError(f"--training-seeds '{text}': expected distinct integers separated by commas")
+    return offsets
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench, one_shot_average
+
+    try:
+        config = build_config(args, argv, QUICK)
+        offsets = parse_offsets(args.training_seeds)
+        model_path = check_model(config.model)
+        data = load_data(config)
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from fl.experiment import scores_json, start_of_client
+    from fl.report import effects, spread_markdown, write_json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = config.rounds * config.local_steps
+    bench = make_workbench(config, str(model_path), data)
+    start, base = fit_base(bench)
+    weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
+    runs, spread = [], {}
+    for k, offset in enumerate(offsets, 1):
+        logging.info("== training seeds +%d (%d of %d)", offset, k, len(offsets))
+        seeds = {d: expert_seed(config.seed + offset, i) for i, d in enumerate(config.domains)}
+        experts = {
+            d: fine_tune(bench, start_of_client(config, start, i * config.clients_per_domain), [d], budget, seeds[d], f"{d} expert")
+            for i, d in enumerate(config.domains)
+        }
+        models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
+        models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+        spread[f"+{offset}"] = found = effects(models, config.domains, ["one-shot-average"], config.seed)
+        runs.append(
+            {
+                "training-seed-offset": offset,
+                "expert-seeds": seeds,
+                "scores": {n: scores_json(s) for n, s in models.items()},
+                "effects": [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found],
+            }
+        )
+    header = f"# Experts across training seeds: {budget} steps each, data seed {config.seed}"
+    (out / "expert_check.md").write_text(spread_markdown(header, spread))
+    write_json(out / "expert_check.json", {"config": config.to_record(), "runs": runs})
+    print((out / "expert_check.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    code = main()
+    if code == 0:
+        print(f"total wall time {time.monotonic() - started:.0f} s")
+    sys.exit(code)
