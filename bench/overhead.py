@@ -26,7 +26,6 @@ weights, with one thread, and multiplied by the times it happens per round.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -51,6 +50,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from fl.baselines import Workbench, fit_base, load_data, make_workbench  # noqa: E402
+from fl.cli import QUICK  # noqa: E402
 from fl.client_app import ClientRole, client_data, client_role, head_sizes  # noqa: E402
 from fl.config import RunConfig  # noqa: E402
 from fl.model import build_skeleton, client_state, resolve_model  # noqa: E402
@@ -60,14 +60,6 @@ from strategies.aggregation import weighted_mean  # noqa: E402
 State = dict[str, torch.Tensor]
 REGIMES = ("bare-parallel", "flower", "bare-sequential")
 SMALL = {"train_size": 32, "test_size": 16, "max_length": 16, "rounds": 1, "local_steps": 1}
-
-
-def quick_preset() -> dict[str, int]:
-    """``QUICK`` of sims/bio_legal.py (not a package, so loaded from its file)."""
-    spec = importlib.util.spec_from_file_location("bio_legal", ROOT / "sims" / "bio_legal.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return dict(module.QUICK)
 
 
 def client_seed(config: RunConfig, role: ClientRole, server_round: int) -> int:
@@ -422,7 +414,7 @@ def main() -> None:
     if "flower" not in chosen or not set(chosen) <= set(REGIMES) or len(chosen) < 2:
         parser.error(f"--regimes {args.regimes}: expected flower and at least one of the bare regimes")
 
-    overrides = quick_preset() if args.preset == "quick" else {}
+    overrides = dict(QUICK) if args.preset == "quick" else {}
     if args.small:
         overrides.update(SMALL)
     if args.local_steps:

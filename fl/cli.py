@@ -8,7 +8,7 @@ weights load.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import fields, replace
 
 from fl.config import ConfigError, RunConfig
@@ -16,9 +16,10 @@ from fl.data import DataError, parse_partition_scheme
 from fl.model import ModelError
 
 INPUT_ERRORS = (ConfigError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
+QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
 
 
-def run_options(description: str, quick: Mapping[str, object]) -> argparse.ArgumentParser:
+def run_options(description: str) -> argparse.ArgumentParser:
     """A parser with every data, model and training option of RunConfig, defaults taken from it."""
     defaults = RunConfig()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,17 +48,17 @@ def run_options(description: str, quick: Mapping[str, object]) -> argparse.Argum
         help="the aligned strategy also permutes the residual stream",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--quick", action="store_true", help=f"small smoke run: {dict(quick)} unless given explicitly")
+    p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
     return p
 
 
-def build_config(args: argparse.Namespace, argv: Sequence[str], quick: Mapping[str, object]) -> RunConfig:
+def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     """The parsed options as a validated RunConfig; with --quick, the quick values for options not given."""
     names = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     if args.quick:
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        values.update({k: v for k, v in quick.items() if k not in given})
+        values.update({k: v for k, v in QUICK.items() if k not in given})
     config = replace(RunConfig(), **values).validate()
     parse_partition_scheme(config.partition)
     return config

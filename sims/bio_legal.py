@@ -25,11 +25,8 @@ from fl.cli import INPUT_ERRORS, build_config, run_options  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 from fl.model import check_model  # noqa: E402
 
-QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = run_options(__doc__.split("\n\n")[0], QUICK)
+    p = run_options(__doc__.split("\n\n")[0])
     p.add_argument("--strategies", default="fedavg,fedprox", help="comma-separated: fedavg, fedprox, aligned")
     p.add_argument("--out", default="runs/bio_legal", help="output folder")
     return p.parse_args(argv)
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from strategies.flower import STRATEGIES
 
     try:
-        config = build_config(args, argv, QUICK)
+        config = build_config(args, argv)
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         unknown = [s for s in strategies if s not in STRATEGIES]
         if unknown or not strategies:

@@ -27,11 +27,8 @@ from fl.cli import INPUT_ERRORS, build_config, run_options  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 from fl.model import check_model  # noqa: E402
 
-QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = run_options(__doc__.split("\n\n")[0], QUICK)
+    p = run_options(__doc__.split("\n\n")[0])
     p.add_argument("--training-seeds", default="0,1000,2000", help="comma-separated offsets added to each expert's training seed")
     p.add_argument("--out", default="runs/expert_check", help="output folder (expert_check.json, expert_check.md)")
     return p.parse_args(argv)
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench, one_shot_average
 
     try:
-        config = build_config(args, argv, QUICK)
+        config = build_config(args, argv)
         offsets = parse_offsets(args.training_seeds)
         model_path = check_model(config.model)
         data = load_data(config)
