@@ -8,6 +8,7 @@ weights load.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from dataclasses import fields, replace
 
@@ -63,3 +64,10 @@ def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     parse_partition_scheme(config.partition)
     return config
 
+
+
+def console_logging() -> None:
+    """Progress lines with a clock, without the chatter of the HTTP and dataset libraries."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ["httpx", "urllib3", "datasets", "filelock"]:
+        logging.getLogger(noisy).setLevel(logging.WARNING)

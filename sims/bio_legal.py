@@ -11,7 +11,6 @@ results.md, curves.png and one merged-model folder per strategy to --out.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ from fl.environment import configure  # noqa: E402
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, run_options  # noqa: E402
+from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 from fl.model import check_model  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_options(__doc__.split("\n\n")[0])
@@ -35,9 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ["httpx", "urllib3", "datasets", "filelock"]:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console_logging()
 
     from fl.baselines import load_data
     from fl.capacity import check_fits

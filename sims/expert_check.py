@@ -23,9 +23,10 @@ from fl.environment import configure  # noqa: E402
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, run_options  # noqa: E402
+from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 from fl.model import check_model  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_options(__doc__.split("\n\n")[0])
@@ -47,7 +48,7 @@ def parse_offsets(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console_logging()
     from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench, one_shot_average
 
     try:
