@@ -4,8 +4,8 @@ Runs the baselines (base probe, each expert, multi-task, one-shot average, ensem
 strategy as a Flower simulation with one or more clients per domain, then writes results.json,
 results.md, curves.png and one merged-model folder per strategy to --out.
 
-    python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), ~15 min on 2 cores
-    python sims/bio_legal.py --quick      # a small smoke run, ~3 min
+    python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 11-12 min on 2 cores
+    python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
 """
 
 from __future__ import annotations
