@@ -65,7 +65,6 @@ def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     return config
 
 
-
 def console_logging() -> None:
     """Progress lines with a clock, without the chatter of the HTTP and dataset libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
