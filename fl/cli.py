@@ -53,6 +53,35 @@ def run_options(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:
+    """--training-seeds and --device, for the scripts that train experts across seeds without Flower."""
+    p.add_argument("--training-seeds", default=offsets, help="comma-separated offsets added to each expert's training seed")
+    p.add_argument("--device", default="cpu", help="torch device for training and scoring: cpu, cuda, cuda:1...")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot parse or this machine lacks, before any weights load."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: expected a torch device such as cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device torch can use")
+
+
+def parse_offsets(text: str) -> list[int]:
+    """--training-seeds: distinct offsets added to each expert's training seed."""
+    try:
+        offsets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        offsets = []
+    if not offsets or len(set(offsets)) != len(offsets):
+        raise ConfigError(f"--training-seeds '{text}': expected distinct integers separated by commas")
+    return offsets
+
+
 def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
     """The parsed options as a validated RunConfig; with --quick, the quick values for options not given."""
     names = {f.name for f in fields(RunConfig)}

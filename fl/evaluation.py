@@ -51,18 +51,18 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> Score:
 
 @torch.no_grad()
 def pooled_features(model: MultiHeadEncoder, data: Encoded) -> torch.Tensor:
-    """Mean-pooled encoder output for every example, in data order."""
+    """Mean-pooled encoder output for every example, in data order, on the CPU whatever the model's device."""
     model.eval()
     out = torch.empty(len(data), model.heads[model.domains[0]].in_features)
     for idx in length_sorted_batches(data, EVAL_BATCH):
         batch = collate(data, idx)
-        out[torch.as_tensor(idx)] = model.embed(batch.input_ids, batch.attention_mask)
+        out[torch.as_tensor(idx)] = model.embed(batch.input_ids, batch.attention_mask).cpu()
     return out
 
 
 def evaluate(model: MultiHeadEncoder, domain: str, data: Encoded) -> Score:
     with torch.no_grad():
-        logits = model.heads[domain](pooled_features(model, data))
+        logits = model.heads[domain](pooled_features(model, data).to(model.device)).cpu()
     return score_logits(logits, data.labels)
 
 

@@ -85,7 +85,13 @@ class MultiHeadEncoder(nn.Module):
     def domains(self) -> list[str]:
         return list(self.heads.keys())
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled features; batches built on the CPU move to the model's device here."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(hidden, attention_mask)
 

@@ -109,7 +109,8 @@ def train(
         losses = []
         for (domain, data), stream in zip(tasks, streams):
             batch = collate(data, next(stream))
-            losses.append((domain, loss_fn(model(domain, batch.input_ids, batch.attention_mask), batch.labels), len(batch.labels)))
+            logits = model(domain, batch.input_ids, batch.attention_mask)
+            losses.append((domain, loss_fn(logits, batch.labels.to(logits.device)), len(batch.labels)))
         prox = proximal_term(params, anchor, settings.proximal_mu) if anchor is not None else torch.zeros(())
         objective = sum(loss for _, loss, _ in losses) + prox
         optimizer.zero_grad(set_to_none=True)

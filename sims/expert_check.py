@@ -23,26 +23,23 @@ from fl.environment import configure  # noqa: E402
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
-from fl.config import ConfigError  # noqa: E402
+from fl.cli import (  # noqa: E402
+    INPUT_ERRORS,
+    add_spread_options,
+    build_config,
+    check_device,
+    console_logging,
+    parse_offsets,
+    run_options,
+)
 from fl.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_options(__doc__.split("\n\n")[0])
-    p.add_argument("--training-seeds", default="0,1000,2000", help="comma-separated offsets added to each expert's training seed")
+    add_spread_options(p, "0,1000,2000")
     p.add_argument("--out", default="runs/expert_check", help="output folder (expert_check.json, expert_check.md)")
     return p.parse_args(argv)
-
-
-def parse_offsets(text: str) -> list[int]:
-    try:
-        offsets = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        offsets = []
-    if not offsets or len(set(offsets)) != len(offsets):
-        raise ConfigError(f"--training-seeds '{text}': expected distinct integers separated by commas")
-    return offsets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args, argv)
         offsets = parse_offsets(args.training_seeds)
+        check_device(args.device)
         model_path = check_model(config.model)
         data = load_data(config)
     except INPUT_ERRORS as error:
@@ -67,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = config.rounds * config.local_steps
     bench = make_workbench(config, str(model_path), data)
+    bench.model.to(args.device)
     start, base = fit_base(bench)
     weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
     runs, spread = [], {}
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = f"# Experts across training seeds: {budget} steps each, data seed {config.seed}"
     (out / "expert_check.md").write_text(spread_markdown(header, spread))
-    write_json(out / "expert_check.json", {"config": config.to_record(), "runs": runs})
+    write_json(out / "expert_check.json", {"config": config.to_record(), "device": args.device, "runs": runs})
     print((out / "expert_check.md").read_text())
     return 0
 
