@@ -97,5 +97,5 @@ def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
 def console_logging() -> None:
     """Progress lines with a clock, without the chatter of the HTTP and dataset libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ["httpx", "urllib3", "datasets", "filelock"]:
+    for noisy in ["httpx", "urllib3", "datasets", "filelock", "alembic"]:  # alembic: Flower's state database, on import
         logging.getLogger(noisy).setLevel(logging.WARNING)
