@@ -114,6 +114,23 @@ def one_shot_average(start: State, experts: Mapping[str, State], weights: Mappin
     return merged
 
 
+def scored_experts(
+    bench: Workbench, start: State, base: Scores, training_seed: int, starts: Mapping[str, State] | None = None
+) -> dict[str, Scores]:
+    """Base, both experts trained with one training seed (from `starts`, default `start`), and their one-shot
+    average, scored: what the seed-spread scripts compare, one training seed at a time."""
+    config = bench.config
+    budget = config.rounds * config.local_steps
+    experts = {
+        d: fine_tune(bench, (starts or {}).get(d, start), [d], budget, expert_seed(training_seed, i), f"{d} expert")
+        for i, d in enumerate(config.domains)
+    }
+    weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
+    models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
+    models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+    return models
+
+
 def one_shot_aligned(
     start: State, experts: Mapping[str, State], weights: Mapping[str, float], num_heads: int, residual: bool
 ) -> State:

@@ -78,6 +78,10 @@ class Effect:
         return self.difference[1] > 0
 
 
+def effects_json(found: Sequence[Effect]) -> list[dict[str, object]]:
+    return [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found]
+
+
 def effects(models: Mapping[str, Scores], domains: Sequence[str], merged: Sequence[str], seed: int) -> list[Effect]:
     """The three things the headline should show, each as 'x - y > 0' on one domain's examples."""
     found: list[Effect] = []

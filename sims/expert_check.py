@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     console_logging()
-    from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench, one_shot_average
+    from fl.baselines import expert_seed, fit_base, load_data, make_workbench, scored_experts
 
     try:
         config = build_config(args, argv)
@@ -59,35 +59,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from fl.experiment import scores_json, start_of_client
-    from fl.report import effects, spread_markdown, write_json
+    from fl.report import effects, effects_json, spread_markdown, write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = config.rounds * config.local_steps
     bench = make_workbench(config, str(model_path), data)
     bench.model.to(args.device)
     start, base = fit_base(bench)
-    weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
+    starts = {d: start_of_client(config, start, i * config.clients_per_domain) for i, d in enumerate(config.domains)}
     runs, spread = [], {}
     for k, offset in enumerate(offsets, 1):
         logging.info("== training seeds +%d (%d of %d)", offset, k, len(offsets))
-        seeds = {d: expert_seed(config.seed + offset, i) for i, d in enumerate(config.domains)}
-        experts = {
-            d: fine_tune(bench, start_of_client(config, start, i * config.clients_per_domain), [d], budget, seeds[d], f"{d} expert")
-            for i, d in enumerate(config.domains)
-        }
-        models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
-        models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+        models = scored_experts(bench, start, base, config.seed + offset, starts)
         spread[f"+{offset}"] = found = effects(models, config.domains, ["one-shot-average"], config.seed)
         runs.append(
             {
                 "training-seed-offset": offset,
-                "expert-seeds": seeds,
+                "expert-seeds": {d: expert_seed(config.seed + offset, i) for i, d in enumerate(config.domains)},
                 "scores": {n: scores_json(s) for n, s in models.items()},
-                "effects": [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found],
+                "effects": effects_json(found),
             }
         )
-    header = f"# Experts across training seeds: {budget} steps each, data seed {config.seed}"
+    header = f"# Experts across training seeds: {config.rounds * config.local_steps} steps each, data seed {config.seed}"
     (out / "expert_check.md").write_text(spread_markdown(header, spread))
     write_json(out / "expert_check.json", {"config": config.to_record(), "device": args.device, "runs": runs})
     print((out / "expert_check.md").read_text())

@@ -142,8 +142,8 @@ def run_job(config: RunConfig, model_path: str, offset: int, device: str, thread
     """Both experts of one setting and one training seed, scored; the base is cached per data setting."""
     import torch
 
-    from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench, one_shot_average
-    from fl.report import effects
+    from fl.baselines import fit_base, load_data, make_workbench, scored_experts
+    from fl.report import effects, effects_json
 
     if threads:
         torch.set_num_threads(threads)
@@ -155,20 +155,12 @@ def run_job(config: RunConfig, model_path: str, offset: int, device: str, thread
     bench, start, base = _BENCHES[key]
     bench.config = config
     tick = time.monotonic()
-    budget = config.rounds * config.local_steps
-    seeds = {d: expert_seed(config.seed + offset, i) for i, d in enumerate(config.domains)}
-    experts = {d: fine_tune(bench, start, [d], budget, seeds[d], f"{d} expert") for d in config.domains}
-    weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
-    models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
-    models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+    models = scored_experts(bench, start, base, config.seed + offset)
     return {
         "offset": offset,
         "seconds": time.monotonic() - tick,
         "accuracy": {n: {d: s.accuracy for d, s in scores.items()} for n, scores in models.items()},
-        "effects": [
-            {"claim": e.claim, "difference": e.difference, "holds": e.holds}
-            for e in effects(models, config.domains, ["one-shot-average"], config.seed)
-        ],
+        "effects": effects_json(effects(models, config.domains, ["one-shot-average"], config.seed)),
     }
 
 
