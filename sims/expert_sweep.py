@@ -111,10 +111,10 @@ def load_grid(path: str | None) -> list[dict[str, Any]]:
 
 def settings(base: RunConfig, grid: Sequence[Mapping[str, Any]]) -> list[tuple[str, RunConfig]]:
     """Every grid entry applied to the base configuration, validated, with a name listing its changes."""
-    known = {f.name: f for f in fields(RunConfig)}
+    known = {f.name for f in fields(RunConfig)}
     out = []
     for change in grid:
-        unknown = sorted(set(change) - set(known))
+        unknown = sorted(set(change) - known)
         if unknown:
             raise ConfigError(f"grid entry {json.dumps(change)}: unknown option '{unknown[0]}'")
         try:
