@@ -4,8 +4,9 @@ base: the frozen pretrained encoder with linear-probe heads (every other model s
 experts: one per domain, trained only on that domain for rounds x local_steps steps and scored on
 every domain with each domain's own head (so an expert's other-domain score shows its forgetting);
 multi-task: one model trained centrally on all domains, the same steps per domain;
-one-shot average: the experts merged once with the federated rule; ensemble: each domain routed to
-its own expert, the upper bound a single merged model tries to reach.
+one-shot merges: the experts merged once by a merge rule, as one round with one client per domain (the
+federated code path's rule, statistics included); ensemble: each domain routed to its own expert, the upper
+bound a single merged model tries to reach.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from fl.batches import Encoded, encode
 from fl.config import RunConfig
 from fl.data import DomainData, load_domain
 from fl.evaluation import Score, evaluate, pooled_features
-from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer
+from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer, num_attention_heads
 from fl.probe import fit_probe
+from fl.statistics import client_statistic
 from fl.training import train
-from strategies.aggregation import weighted_mean
-from strategies.permutation import apply_permutation, match_weights, permutation_spec
+from strategies.rules import RuleSetting, settings
+from strategies.update import ClientUpdate, MergeContext
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +109,27 @@ def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, se
     return {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
 
 
-def one_shot_average(start: State, experts: Mapping[str, State], weights: Mapping[str, float]) -> State:
-    """Merge each expert's encoder and own head once, with the federated key-wise rule."""
+FEDAVG = settings(["fedavg"], {})[0]
+
+
+def one_shot(bench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
+    """The experts merged once by ``setting``'s rule from ``start``: one client per domain sending its encoder and
+    own head, weighted by its domain's training examples, with the statistics the rule asks for computed on
+    that domain's training set."""
+    config = bench.config
+    batches = int(setting.client_config().get("statistic-batches", 0))
+    statistic = setting.rule.statistic
+    clients = []
+    for domain, state in experts.items():
+        stats = {}
+        if statistic is not None:
+            bench.model.load_state_dict(state)
+            stats = client_statistic(statistic.name, bench.model, domain, bench.train_sets[domain], batches, config.train_settings(), seed)
+        own = {key: state[key] for key in domain_keys(state, domain)}
+        clients.append(ClientUpdate(domain, domain, own, float(len(bench.train_sets[domain])), stats))
+    context = MergeContext(1, seed, num_attention_heads(bench.model_path))
     merged = dict(start)
-    merged.update(weighted_mean((({k: s[k] for k in domain_keys(s, d)}), weights[d]) for d, s in experts.items()))
+    merged.update(setting.merge(start, clients, context))
     return merged
 
 
@@ -125,22 +144,9 @@ def scored_experts(
         d: fine_tune(bench, (starts or {}).get(d, start), [d], budget, expert_seed(training_seed, i), f"{d} expert")
         for i, d in enumerate(config.domains)
     }
-    weights = {d: float(len(bench.train_sets[d])) for d in config.domains}
     models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
-    models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
+    models["one-shot-average"] = bench.score(one_shot(bench, FEDAVG, start, experts, training_seed))
     return models
-
-
-def one_shot_aligned(
-    start: State, experts: Mapping[str, State], weights: Mapping[str, float], num_heads: int, residual: bool
-) -> State:
-    """Align every expert to the first by weight matching, then merge as one_shot_average does."""
-    names = list(experts)
-    spec = permutation_spec(experts[names[0]], num_heads, residual=residual)
-    aligned = {
-        d: s if d == names[0] else apply_permutation(s, spec, match_weights(experts[names[0]], s, spec)) for d, s in experts.items()
-    }
-    return one_shot_average(start, aligned, weights)
 
 
 def ensemble(expert_scores: Mapping[str, Scores]) -> Scores:

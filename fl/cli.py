@@ -9,48 +9,88 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
 from dataclasses import fields, replace
 
 from fl.config import ConfigError, RunConfig
 from fl.data import DataError, parse_partition_scheme
 from fl.model import ModelError
+from strategies.options import OptionError
+from strategies.rules import RULES, RuleSetting, option_keys, parse_names, settings
 
-INPUT_ERRORS = (ConfigError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
+INPUT_ERRORS = (OptionError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
 QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
+RUN_CONFIG_FIELDS = frozenset(f.name for f in fields(RunConfig))
 
 
 def run_options(description: str) -> argparse.ArgumentParser:
-    """A parser with every data, model and training option of RunConfig, defaults taken from it."""
+    """A parser with every data, model and training option of RunConfig.
+
+    Their defaults are RunConfig's, shown in the help, but argparse is given none (SUPPRESS): the parsed
+    namespace then holds exactly the options the user gave, abbreviations included, which --quick needs.
+    """
     defaults = RunConfig()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rounds", type=int, default=defaults.rounds)
-    p.add_argument("--local-steps", type=int, default=defaults.local_steps, help="optimizer steps per client per round")
-    p.add_argument("--clients-per-domain", type=int, default=defaults.clients_per_domain)
-    p.add_argument("--partition", default=defaults.partition, help="iid or dirichlet:ALPHA (within each domain)")
-    p.add_argument("--model", default=defaults.model, help="Hugging Face id or local folder; 'default' = embedded MiniLM-L6")
-    p.add_argument("--bio-data", default=defaults.bio_data, help="'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
-    p.add_argument("--legal-data", default=defaults.legal_data, help="'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
-    p.add_argument("--text-column", default=defaults.text_column)
-    p.add_argument("--label-column", default=defaults.label_column)
-    p.add_argument("--train-size", type=int, default=defaults.train_size, help="training examples per domain")
-    p.add_argument("--test-size", type=int, default=defaults.test_size, help="test examples per domain")
-    p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="encoder learning rate")
-    p.add_argument("--head-lr", type=float, default=defaults.head_lr)
-    p.add_argument("--lr-schedule", default=defaults.lr_schedule, help="linear (10%% warm-up, decay to 0 each round) or constant")
-    p.add_argument("--proximal-mu", type=float, default=defaults.proximal_mu, help="FedProx mu")
-    p.add_argument("--init", default=defaults.init, help="shared, or permuted: each client starts from its own permutation of the base")
-    p.add_argument(
-        "--align-residual",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.align_residual,
-        help="the aligned strategy also permutes the residual stream",
-    )
-    p.add_argument("--seed", type=int, default=defaults.seed)
+
+    def option(flag: str, help: str = "", **kwargs: object) -> None:
+        name = flag.removeprefix("--").replace("-", "_")
+        shown = f"{help} (default: {getattr(defaults, name)})".strip()
+        p.add_argument(flag, default=argparse.SUPPRESS, help=shown.replace("%", "%%"), **kwargs)
+
+    option("--rounds", type=int)
+    option("--local-steps", "optimizer steps per client per round", type=int)
+    option("--clients-per-domain", type=int)
+    option("--partition", "iid or dirichlet:ALPHA (within each domain)")
+    option("--model", "Hugging Face id or local folder; 'default' = embedded MiniLM-L6")
+    option("--bio-data", "'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    option("--legal-data", "'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    option("--text-column")
+    option("--label-column")
+    option("--train-size", "training examples per domain", type=int)
+    option("--test-size", "test examples per domain", type=int)
+    option("--max-length", "tokens per example", type=int)
+    option("--batch-size", type=int)
+    option("--lr", "encoder learning rate", type=float)
+    option("--head-lr", type=float)
+    option("--lr-schedule", "linear (10% warm-up, decay to 0 each round) or constant")
+    option("--init", "shared, or permuted: each client starts from its own permutation of the base")
+    option("--seed", type=int)
     p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
     return p
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """--strategies and one flag per option of every merge rule, from the rules' own declarations."""
+    p.add_argument("--strategies", default="fedavg,fedprox", help=f"comma-separated merge rules: {', '.join(RULES)}")
+    group = p.add_argument_group("merge-rule options", "each applies to its rule only (README: table of rules)")
+    for key, (_, option) in option_keys().items():
+        shown = f"{option.help}; {option.range_text} (default: {option.default})".replace("%", "%%")
+        if option.kind is bool:
+            group.add_argument(f"--{key}", dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
+        else:
+            group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=option.kind.__name__.upper(), help=shown)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The options given as a validated RunConfig; with --quick, the quick values for options not given."""
+    values = {k: v for k, v in vars(args).items() if k in RUN_CONFIG_FIELDS}
+    if args.quick:
+        values = {**QUICK, **values}
+    config = replace(RunConfig(), **values).validate()
+    parse_partition_scheme(config.partition)
+    return config
+
+
+def rule_settings(args: argparse.Namespace) -> list[RuleSetting]:
+    """The --strategies with their options; an option of a rule that is not selected is refused (a typo, or a
+    forgotten strategy, would otherwise pass silently)."""
+    names = parse_names(args.strategies)
+    keys = option_keys()
+    given = {k: v for k, v in vars(args).items() if k in keys}
+    for key in given:
+        rule = keys[key][0].name
+        if rule not in names:
+            raise OptionError(f"--{key} is an option of {rule}, which --strategies {args.strategies} does not select")
+    return settings(names, given)
 
 
 def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:
@@ -80,18 +120,6 @@ def parse_offsets(text: str) -> list[int]:
     if not offsets or len(set(offsets)) != len(offsets):
         raise ConfigError(f"--training-seeds '{text}': expected distinct integers separated by commas")
     return offsets
-
-
-def build_config(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
-    """The parsed options as a validated RunConfig; with --quick, the quick values for options not given."""
-    names = {f.name for f in fields(RunConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    if args.quick:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        values.update({k: v for k, v in QUICK.items() if k not in given})
-    config = replace(RunConfig(), **values).validate()
-    parse_partition_scheme(config.partition)
-    return config
 
 
 def console_logging() -> None:

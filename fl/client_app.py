@@ -3,8 +3,10 @@
 A client serves one domain and one partition of it: in simulation both follow from ``partition-id``
 (clients_per_domain consecutive ids per domain); in a deployment the SuperNode's ``--node-config``
 may name them (``domain="bio" partition-id=0 num-partitions=1``). It trains the encoder and its own
-head, and sends back exactly those weights. Asked by a ``query`` message, it tells its domain and its
-label names, so a server that holds no text can still build the heads.
+head, and sends back exactly those weights, plus the statistic the server's merge rule asks for in the train
+config (``statistic``: a diagonal Fisher or the Gram matrices of layer inputs, ``fl.statistics``). Asked by a
+``query`` message, it tells its domain and its label names, so a server that holds no text can still build
+the heads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fl.data import DomainData, load_domain, partition
 from fl.evaluation import evaluate
 from fl.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, num_attention_heads, resolve_model
 from fl.permuted_init import client_seed, permuted_copy
+from fl.statistics import STATISTICS, client_statistic
 from fl.training import train
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,7 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     def setup(context: Context) -> tuple[RunConfig, ClientRole]:
         use_granted_threads()
-        cfg = config if config is not None else split_run_config(context.run_config)[0]
+        cfg = config if config is not None else split_run_config(context.run_config).config
         return cfg, client_role(cfg, context.node_config)
 
     @app.train()
@@ -120,8 +123,12 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
         cfg, role = setup(context)
         train_data, _, num_labels = client_data(cfg, role)
         model = receive_model(cfg, role, msg, num_labels)
-        server_round = int(msg.content["config"]["server-round"])
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        train_config = msg.content["config"]
+        server_round = int(train_config["server-round"])
+        mu = float(train_config.get("proximal-mu", 0.0))
+        statistic = str(train_config.get("statistic", ""))
+        if statistic and statistic not in STATISTICS:
+            raise ConfigError(f"the server asks for statistic '{statistic}': expected one of {', '.join(STATISTICS)}")
         tag = f"{role.domain}-{role.partition_id}"
 
         def progress(step: int, _domain: str, loss: float) -> None:
@@ -129,7 +136,8 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
                 log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
 
         seed = cfg.seed + 1000 * server_round + 17 * role.partition_id + 7919 * cfg.domains.index(role.domain)
-        report = train(model, [(role.domain, train_data)], cfg.train_settings(proximal_mu=mu), seed, progress)
+        settings = cfg.train_settings(proximal_mu=mu)
+        report = train(model, [(role.domain, train_data)], settings, seed, progress)
         content = RecordDict(
             {
                 "arrays": ArrayRecord(client_state(model, role.domain)),
@@ -137,6 +145,10 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
                 "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
             }
         )
+        if statistic:
+            batches = int(train_config.get("statistic-batches", 1))
+            content[statistic] = ArrayRecord(client_statistic(statistic, model, role.domain, train_data, batches, settings, seed))
+            log.info("client %s round %d: %s over %d batches", tag, server_round, statistic, batches)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -9,13 +9,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from fl.training import SCHEDULES, TrainSettings
+from strategies.options import OptionError, parse_bool
+from strategies.rules import option_keys
 
 
 INITS = ("shared", "permuted")
 NODE_LOSS = ("fail", "continue")
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """An option has a value the run cannot use."""
 
 
@@ -37,10 +39,8 @@ class RunConfig:
     local_steps: int = 40  # per client per round; rounds x local_steps = each expert's budget
     clients_per_domain: int = 1
     partition: str = "iid"  # or 'dirichlet:ALPHA' (non-IID by label within a domain)
-    proximal_mu: float = 0.01
     freeze_word_embeddings: bool = True
     init: str = "shared"  # 'permuted': each client starts from its own functionally identical permutation of the base
-    align_residual: bool = True  # the aligned strategy also permutes the residual stream
     client_eval: bool = False  # clients also score their own test split each round (the server always scores all)
     server_data: bool = True  # false: the server holds no text (a deployment): no baselines, clients score themselves
     reply_timeout: float = 3600.0  # seconds the server waits for a round's replies, or for a lost node to come back
@@ -92,8 +92,6 @@ class RunConfig:
             raise ConfigError(f"--on-node-loss {self.on_node_loss}: expected one of {', '.join(NODE_LOSS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"--proximal-mu {self.proximal_mu}: expected a number >= 0")
         return self
 
     def to_record(self) -> dict[str, str | int | float | bool]:
@@ -110,24 +108,26 @@ class RunConfig:
             if name not in known:
                 raise ConfigError(f"unknown option '{key}': expected one of {', '.join(sorted(known))}")
             default = getattr(cls(), name)
-            values[name] = type(default)(value) if not isinstance(default, bool) else _as_bool(key, value)
+            values[name] = type(default)(value) if not isinstance(default, bool) else parse_bool(key, value)
         return replace(cls(), **values).validate()
 
 
 APP_OPTIONS = ("strategies", "out")  # run-config keys of the Flower app (pyproject.toml) that are not RunConfig fields
 
 
-def split_run_config(record: Mapping[str, object]) -> tuple[RunConfig, dict[str, str]]:
-    """Flower's run config as a RunConfig plus the app options (strategies, output folder) as strings."""
-    options = {k: str(v) for k, v in record.items() if k in APP_OPTIONS}
-    return RunConfig.from_record({k: v for k, v in record.items() if k not in APP_OPTIONS}), options
+@dataclass(frozen=True)
+class RunRecord:
+    """Flower's run config split into its three parts."""
+
+    config: RunConfig
+    app: dict[str, str]  # APP_OPTIONS given, as strings
+    rule_values: dict[str, object]  # merge-rule options by key ('ties-density'), see strategies.rules
 
 
-def _as_bool(key: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in {"true", "1", "yes"}:
-        return True
-    if str(value).lower() in {"false", "0", "no"}:
-        return False
-    raise ConfigError(f"option '{key}' = {value!r}: expected true or false")
+def split_run_config(record: Mapping[str, object]) -> RunRecord:
+    """Flower's run config as a RunConfig, the app options and the merge rules' option values."""
+    rule_keys = option_keys()
+    app = {k: str(v) for k, v in record.items() if k in APP_OPTIONS}
+    rules = {k: v for k, v in record.items() if k in rule_keys}
+    rest = {k: v for k, v in record.items() if k not in APP_OPTIONS and k not in rule_keys}
+    return RunRecord(RunConfig.from_record(rest), app, rules)

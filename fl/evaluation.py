@@ -1,7 +1,7 @@
-"""Scoring a multi-head model on a domain's held-out set, and intervals for the scores.
+"""Scoring a multi-head model on a domain's held-out set.
 
-Every score keeps the per-example correctness so that intervals come from a bootstrap over test
-examples, and differences between two models on the same examples can be bootstrapped paired.
+Every score keeps the per-example correctness, so that ``fl.report`` can bootstrap intervals over test
+examples, and differences between two models on the same examples paired.
 """
 
 from __future__ import annotations
@@ -64,13 +64,3 @@ def evaluate(model: MultiHeadEncoder, domain: str, data: Encoded) -> Score:
     with torch.no_grad():
         logits = model.heads[domain](pooled_features(model, data).to(model.device)).cpu()
     return score_logits(logits, data.labels)
-
-
-def bootstrap_interval(values: np.ndarray, seed: int, draws: int = 2000, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap of a statistic that is a mean over examples; values may be [n] or [n, k] (mean over k too)."""
-    rng = np.random.default_rng(seed)
-    n = values.shape[0]
-    idx = rng.integers(0, n, size=(draws, n))
-    stats = values[idx].mean(axis=tuple(range(1, values.ndim + 1)))
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)

@@ -7,50 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from fl.baselines import (
-    Scores,
-    Workbench,
-    ensemble,
-    expert_seed,
-    fine_tune,
-    fit_base,
-    make_workbench,
-    one_shot_aligned,
-    one_shot_average,
-)
-from fl.data import DomainData
+from fl.baselines import FEDAVG, Scores, Workbench, ensemble, expert_seed, fine_tune, fit_base, make_workbench, one_shot
 from fl.config import RunConfig
+from fl.data import DomainData
 from fl.model import num_attention_heads, save_merged
 from fl.permuted_init import client_seed, permuted_copy
-from fl.report import effects, markdown, plot_curves, table_row, write_json
-from fl.server_app import CentralEvaluator, StrategyOutcome
+from fl.phases import PhaseClock
+from fl.report import effects, markdown, plot_curves, table_row, versus, write_json
+from fl.rounds import CentralEvaluator, StrategyOutcome
 from fl.simulation import run_strategy
+from strategies.rules import RuleSetting
 
-StrategyRunner = Callable[[RunConfig, str, dict[str, torch.Tensor], CentralEvaluator], StrategyOutcome]
+StrategyRunner = Callable[[RunConfig, RuleSetting, dict[str, torch.Tensor], CentralEvaluator], StrategyOutcome]
 
 log = logging.getLogger(__name__)
-
-
-class PhaseClock:
-    """Wall time per phase, logged as each one starts and ends."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        log.info("== phase: %s", name)
-        tick = time.monotonic()
-        yield
-        self.seconds[name] = round(time.monotonic() - tick, 2)
-        log.info("== phase %s done in %.1f s", name, self.seconds[name])
 
 
 def scores_json(scores: Scores) -> dict[str, dict[str, float]]:
@@ -64,11 +39,22 @@ def start_of_client(config: RunConfig, start: dict[str, torch.Tensor], client_in
     return start
 
 
+def one_shot_name(rule: str) -> str:
+    return f"one-shot-{rule}"
+
+
+def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> list[tuple[str, str]]:
+    """Each rule's federated run against FedAvg's (when both ran), each one-shot merge against the average."""
+    pairs = [(name, "fedavg") for name in strategies if name != "fedavg" and "fedavg" in strategies]
+    pairs += [(row, "one-shot-average") for row in one_shots if row != "one-shot-average"]
+    return pairs
+
+
 def run_experiment(
     config: RunConfig,
     model_path: str,
     data: Mapping[str, DomainData],
-    strategies: list[str],
+    strategies: list[RuleSetting],
     out: Path,
     versions: Mapping[str, str],
     runner: StrategyRunner = run_strategy,
@@ -97,22 +83,21 @@ def run_experiment(
     with clock.phase(f"multi-task ({budget} steps per domain)"):
         multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
         models["multi-task"] = bench.score(multitask)
-    with clock.phase("one-shot average of the experts"):
-        weights = {d: float(len(bench.train_sets[d])) for d in domains}
-        models["one-shot-average"] = bench.score(one_shot_average(start, experts, weights))
-    if "aligned" in strategies:
-        with clock.phase("one-shot aligned average of the experts"):
-            heads = num_attention_heads(model_path)
-            aligned = one_shot_aligned(start, experts, weights, heads, config.align_residual)
-            models["one-shot-aligned"] = bench.score(aligned)
+    one_shots = {"one-shot-average": FEDAVG}
+    one_shots.update({one_shot_name(s.name): s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
+    for row, setting in one_shots.items():
+        with clock.phase(f"{row} of the experts"):
+            models[row] = bench.score(one_shot(bench, setting, start, experts, config.seed))
     models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
 
     curves = {}
     histories = {}
-    for name in strategies:
+    names = [s.name for s in strategies]
+    for setting in strategies:
+        name = setting.name
         with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
             evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=base_scores)
-            outcome = runner(config, name, start, evaluator)
+            outcome = runner(config, setting, start, evaluator)
             curves[name] = evaluator.history
             models[name] = evaluator.history[config.rounds]
             histories[name] = outcome.client_history
@@ -121,38 +106,40 @@ def run_experiment(
 
     with clock.phase("report"):
         own_experts = {d: models[f"{d}-expert"][d] for d in domains}
-        one_shots = [n for n in ["one-shot-average", "one-shot-aligned"] if n in models]
-        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *strategies]
+        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *names]
         rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
-        found = effects(models, domains, [*one_shots, *strategies], config.seed)
+        found = effects(models, domains, [*one_shots, *names], config.seed)
+        compared = versus(models, domains, against_fedavg(names, one_shots), config.seed)
         header = (
             f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
-            f"{config.clients_per_domain} client(s) per domain, {config.init} start, seed {config.seed}"
+            f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
         )
-        (out / "results.md").write_text(markdown(rows, found, domains, header))
-        plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in strategies}, domains)
+        (out / "results.md").write_text(markdown(rows, found, domains, header, compared))
+        plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in names}, domains)
     results = {
         "config": config.to_record(),
-        "strategies-run": strategies,
+        "strategies-run": names,
+        "strategy-options": {s.name: s.record() for s in strategies},
         "seed": config.seed,
         "versions": dict(versions),
         "domains": {
             d: {"labels": list(v.train.label_names), "train-examples": len(v.train), "test-examples": len(v.test)}
             for d, v in data.items()
         },
-        "baselines": {n: scores_json(models[n]) for n in row_names if n not in strategies},
+        "baselines": {n: scores_json(models[n]) for n in row_names if n not in names},
         "strategies": {
             n: {
                 "rounds": [{"round": r, **scores_json(s)} for r, s in sorted(curves[n].items())],
                 "clients": histories[n],
                 "model-dir": str(out / n),
             }
-            for n in strategies
+            for n in names
         },
         "table": [
             {"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows
         ],
         "effects": [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found],
+        "against-fedavg": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
         "wall-seconds": clock.seconds,
     }
     write_json(out / "results.json", results)

@@ -19,11 +19,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fl.config import ConfigError, RunConfig
-from fl.experiment import PhaseClock
 from fl.model import build_model, check_model, load_tokenizer, save_merged
+from fl.phases import PhaseClock
 from fl.report import write_json
-from fl.server_app import run_on_grid
-from strategies.flower import RoundFailed, describe_client, error_text, wait_for_nodes
+from fl.rounds import run_on_grid
+from strategies.replies import ReplyPolicy, RoundFailed, describe_client
+from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,13 @@ CLIENT_METRICS = {"eval-accuracy": "accuracy", "eval-loss": "loss", "num-example
 
 def ask_labels(grid: Grid, config: RunConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Each domain's label names and the nodes serving it, from a query to every node; they must agree."""
-    nodes = wait_for_nodes(grid, config.num_clients, config.reply_timeout, "label query", {})
+    policy = ReplyPolicy(config.num_clients, config.reply_timeout)
+    nodes = policy.wait(grid, "label query")
     queries = [
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
     ]
-    replies = list(grid.send_and_receive(queries, timeout=config.reply_timeout))
-    node_of = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}  # the SuperLink answers for lost nodes
-    answered = {node_of[m.metadata.reply_to_message_id] for m in replies}
-    failed = [f"node {node_of[m.metadata.reply_to_message_id]}: {error_text(m.error.reason)}" for m in replies if m.has_error()]
-    failed += [f"node {node}: no reply before the timeout" for node in nodes if node not in answered]
-    if failed:
-        raise RoundFailed(f"label query: {len(failed)} of {len(nodes)} nodes failed: " + "; ".join(failed))
+    policy.sending(queries)
+    replies = policy.usable(0, "label query", list(grid.send_and_receive(queries, timeout=config.reply_timeout)))
     labels: dict[str, list[str]] = {}
     members: dict[str, list[str]] = {}
     for msg in replies:
@@ -88,7 +85,9 @@ def markdown_table(config: RunConfig, results: Mapping[str, list[dict[str, objec
     return "\n".join(lines) + "\n"
 
 
-def run_federated(grid: Grid, config: RunConfig, strategies: list[str], out: Path, versions: Mapping[str, str]) -> dict[str, object]:
+def run_federated(
+    grid: Grid, config: RunConfig, strategies: list[RuleSetting], out: Path, versions: Mapping[str, str]
+) -> dict[str, object]:
     """Every strategy from the same seeded start; results and merged models written to `out`."""
     config = replace(config, client_eval=True)
     torch.manual_seed(config.seed)
@@ -103,9 +102,10 @@ def run_federated(grid: Grid, config: RunConfig, strategies: list[str], out: Pat
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     curves: dict[str, list[dict[str, object]]] = {}
     strategies_json: dict[str, object] = {}
-    for name in strategies:
+    for setting in strategies:
+        name = setting.name
         with clock.phase(f"strategy {name}: {config.num_clients} SuperNodes x {config.rounds} rounds"):
-            outcome = run_on_grid(grid, config, name, start, None)
+            outcome = run_on_grid(grid, config, setting, start, None)
             curves[name] = per_domain_rounds(name, outcome.client_evaluations, config)
             model.load_state_dict(outcome.final_state)
             save_merged(model, tokenizer, out / name, labels)
@@ -113,7 +113,8 @@ def run_federated(grid: Grid, config: RunConfig, strategies: list[str], out: Pat
     (out / "results.md").write_text(markdown_table(config, curves))
     results = {
         "config": config.to_record(),
-        "strategies-run": strategies,
+        "strategies-run": [s.name for s in strategies],
+        "strategy-options": {s.name: s.record() for s in strategies},
         "seed": config.seed,
         "versions": dict(versions),
         "domains": {d: {"labels": labels[d], "nodes": members[d]} for d in config.domains},

@@ -16,7 +16,6 @@ et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis" (ICML 2020,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import matplotlib
 
@@ -29,7 +28,7 @@ from torch import Tensor  # noqa: E402
 from fl.batches import Encoded  # noqa: E402
 from fl.evaluation import Score, evaluate  # noqa: E402
 from fl.model import MultiHeadEncoder  # noqa: E402
-from strategies.permutation import apply_permutation, match_weights, permutation_spec  # noqa: E402
+from strategies.permutation import Alignment, align_to, permutation_spec  # noqa: E402
 
 State = Mapping[str, Tensor]
 Scores = dict[str, Score]
@@ -114,21 +113,9 @@ def barriers(path: Sequence[Scores], ts: Sequence[float]) -> dict[str, dict[str,
     return found
 
 
-@dataclass(frozen=True)
-class Alignment:
-    """``b`` permuted to line up with ``a``, and how many units each permutation moved."""
-
-    state: dict[str, Tensor]
-    moved: dict[str, int]
-    units: dict[str, int]
-
-
 def align(a: State, b: State, num_heads: int, residual: bool) -> Alignment:
     """Weight-match ``b`` to ``a`` over the encoder's symmetries (every head included with ``residual``)."""
-    spec = permutation_spec(a, num_heads, residual=residual)
-    perms = match_weights(a, b, spec)
-    moved = {name: int((p != torch.arange(len(p))).sum()) for name, p in perms.items()}
-    return Alignment(apply_permutation(b, spec, perms), moved, {name: len(p) for name, p in perms.items()})
+    return align_to(a, b, permutation_spec(a, num_heads, residual=residual))
 
 
 def plot_barrier(path: str, ts: Sequence[float], modes: Mapping[str, Sequence[Scores]], title: str) -> None:

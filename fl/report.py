@@ -8,7 +8,9 @@ holds beyond noise.
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,11 @@ class Effect:
         """The whole interval lies above zero: the claim holds beyond noise."""
         return self.difference[1] > 0
 
+    @property
+    def verdict(self) -> str:
+        """For a plain difference a - b: which is better beyond noise, if either."""
+        return "higher" if self.difference[1] > 0 else "lower" if self.difference[2] < 0 else "within noise"
+
 
 def effects_json(found: Sequence[Effect]) -> list[dict[str, object]]:
     return [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found]
@@ -109,11 +116,18 @@ def effects(models: Mapping[str, Scores], domains: Sequence[str], merged: Sequen
     return found
 
 
+def versus(models: Mapping[str, Scores], domains: Sequence[str], pairs: Sequence[tuple[str, str]], seed: int) -> list[Effect]:
+    """Paired differences a - b on each domain's examples, e.g. every merge rule against FedAvg."""
+    return [Effect(f"{a} - {b} on {d}", paired_difference(models[a][d], models[b][d], seed)) for a, b in pairs for d in domains]
+
+
 def _fmt(value: tuple[float, float, float], scale: float = 100.0) -> str:
     return f"{value[0] * scale:.1f} [{value[1] * scale:.1f}, {value[2] * scale:.1f}]"
 
 
-def markdown(rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str], header: str) -> str:
+def markdown(
+    rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str], header: str, compared: Sequence[Effect] = ()
+) -> str:
     cols = [f"{d} accuracy" for d in domains] + ["mean", "normalised (merged / expert)"]
     lines = [header, "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in rows:
@@ -127,6 +141,9 @@ def markdown(rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str
         "|---|---|---|",
     ]
     lines += [f"| {e.claim} | {_fmt(e.difference)} | {'yes' if e.holds else 'no'} |" for e in found]
+    if compared:
+        lines += ["", "| against FedAvg | difference (points) [paired 95% interval] | beyond noise |", "|---|---|---|"]
+        lines += [f"| {e.claim} | {_fmt(e.difference)} | {e.verdict} |" for e in compared]
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +217,14 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def package_versions() -> dict[str, str]:
+    """Python, platform and the libraries whose versions change the numbers (for results.json)."""
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ["flwr", "torch", "transformers", "datasets", "numpy", "ray"]:
+        found[package] = version(package)
+    return found
 
 
 def write_json(path: Path, payload: Mapping[str, object]) -> None:

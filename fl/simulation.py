@@ -15,7 +15,8 @@ from flwr.simulation import run_simulation
 
 from fl.client_app import make_client_app
 from fl.config import RunConfig
-from fl.server_app import CentralEvaluator, StrategyOutcome, make_server_app
+from fl.rounds import CentralEvaluator, StrategyOutcome, make_server_app
+from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,12 @@ def cpus_per_client(num_clients: int) -> int:
 
 def run_strategy(
     config: RunConfig,
-    strategy_name: str,
+    setting: RuleSetting,
     initial_state: Mapping[str, torch.Tensor],
     evaluator: CentralEvaluator,
 ) -> StrategyOutcome:
     outcome = StrategyOutcome()
-    server = make_server_app(config, strategy_name, initial_state, evaluator, outcome)
+    server = make_server_app(config, setting, initial_state, evaluator, outcome)
     backend = {
         "client_resources": {"num_cpus": cpus_per_client(config.num_clients), "num_gpus": 0.0},
         "init_args": {"log_to_driver": True, "include_dashboard": False},
@@ -52,7 +53,7 @@ def run_strategy(
     except Exception as error:  # run_simulation re-raises the ServerApp's error
         outcome.error = outcome.error or error
     if outcome.error is not None:
-        raise SimulationFailed(f"strategy '{strategy_name}' failed: {outcome.error}") from outcome.error
+        raise SimulationFailed(f"strategy '{setting.name}' failed: {outcome.error}") from outcome.error
     if not outcome.final_state:
-        raise SimulationFailed(f"strategy '{strategy_name}' ended without a merged model (see the log above)")
+        raise SimulationFailed(f"strategy '{setting.name}' ended without a merged model (see the log above)")
     return outcome

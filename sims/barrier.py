@@ -16,11 +16,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fl.environment import configure  # noqa: E402
+from fl.environment import configure
 
 configure(sys.argv[1:])
 
@@ -28,11 +27,12 @@ import torch  # noqa: E402
 
 from fl.baselines import load_data  # noqa: E402
 from fl.batches import Encoded, encode  # noqa: E402
-from fl.config import ConfigError, RunConfig  # noqa: E402
+from fl.config import RunConfig  # noqa: E402
 from fl.data import DataError  # noqa: E402
 from fl.interpolation import Scores, align, barriers, curves, evaluate_path, path_points, plot_barrier  # noqa: E402
 from fl.model import HEADS_FILE, META_FILE, MultiHeadEncoder, load_merged, load_tokenizer  # noqa: E402
 from fl.model import num_attention_heads  # noqa: E402
+from strategies.options import OptionError  # noqa: E402
 
 State = dict[str, torch.Tensor]
 
@@ -76,7 +76,8 @@ def run_config(run: Path, test_size: int | None) -> RunConfig:
     record = json.loads(results.read_text()).get("config")
     if not isinstance(record, dict):
         raise RunError(f"{results} has no 'config' entry")
-    config = RunConfig.from_record(record)
+    known = {f.name.replace("_", "-") for f in fields(RunConfig)}  # runs before the rule registry kept rule options here
+    config = RunConfig.from_record({k: v for k, v in record.items() if k in known})
     return config if test_size is None else replace(config, test_size=test_size).validate()
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.points < 2:
             raise RunError(f"--points {args.points}: expected an integer >= 2")
         inputs = load_inputs(run, args.a, args.b, args.test_size)
-    except (RunError, ConfigError, DataError) as error:
+    except (RunError, OptionError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     ts = path_points(args.points)

@@ -1,11 +1,12 @@
 """Headline experiment: merge a biomedical and a legal fine-tune of one encoder by federated aggregation.
 
-Runs the baselines (base probe, each expert, multi-task, one-shot average, ensemble) and each
-strategy as a Flower simulation with one or more clients per domain, then writes results.json,
-results.md, curves.png and one merged-model folder per strategy to --out.
+Runs the baselines (base probe, each expert, multi-task, one-shot merges of the experts, ensemble) and each
+strategy as a Flower simulation with one or more clients per domain, then writes results.json, results.md,
+curves.png and one merged-model folder per strategy to --out.
 
     python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 11-12 min on 2 cores
     python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
+    python sims/bio_legal.py --strategies fedavg,ties,regmean --ties-density 0.1
 """
 
 from __future__ import annotations
@@ -15,38 +16,31 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fl.environment import configure  # noqa: E402
+from fl.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
-from fl.config import ConfigError  # noqa: E402
+from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options  # noqa: E402
 from fl.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_options(__doc__.split("\n\n")[0])
-    p.add_argument("--strategies", default="fedavg,fedprox", help="comma-separated: fedavg, fedprox, aligned")
+    add_rule_options(p)
     p.add_argument("--out", default="runs/bio_legal", help="output folder")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     console_logging()
 
     from fl.baselines import load_data
     from fl.capacity import check_fits
-    from strategies.flower import STRATEGIES
 
     try:
-        config = build_config(args, argv)
-        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-        unknown = [s for s in strategies if s not in STRATEGIES]
-        if unknown or not strategies:
-            raise ConfigError(f"unknown strategy '{','.join(unknown)}': expected some of {', '.join(STRATEGIES)}")
+        config = build_config(args)
+        strategies = rule_settings(args)
         model_path = check_model(config.model)
         check_fits(config, str(model_path))  # too many clients for this machine's memory: refuse now, not mid-round
         data = load_data(config)
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from fl.experiment import run_experiment
-    from fl.server_app import package_versions
+    from fl.report import package_versions
 
     run_experiment(config, model_path, data, strategies, Path(args.out), package_versions())
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")

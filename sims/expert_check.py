@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fl.environment import configure  # noqa: E402
+from fl.environment import configure
 
 configure(sys.argv[1:])
 
@@ -43,13 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     console_logging()
     from fl.baselines import expert_seed, fit_base, load_data, make_workbench, scored_experts
 
     try:
-        config = build_config(args, argv)
+        config = build_config(args)
         offsets = parse_offsets(args.training_seeds)
         check_device(args.device)
         model_path = check_model(config.model)

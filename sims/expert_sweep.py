@@ -24,8 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fl.environment import configure  # noqa: E402
+from fl.environment import configure
 
 configure(sys.argv[1:])
 
@@ -201,11 +200,10 @@ def all_expert_effects(run: Mapping[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     console_logging()
     try:
-        base = build_config(args, argv)
+        base = build_config(args)
         offsets = parse_offsets(args.training_seeds)
         grid = settings(base, load_grid(args.grid))
         if args.workers < 1:

@@ -43,7 +43,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from strategies.aggregation import fedavg
+from strategies.aggregation import StreamingMean
+from strategies.update import Clients, MergeContext
 
 _LOG = logging.getLogger(__name__)
 
@@ -485,24 +486,37 @@ def match_weights(
 # --- aligned averaging --------------------------------------------------------------------------
 
 
-def aligned_average(
-    states: Sequence[State],
-    weights: Sequence[float],
-    spec: PermutationSpec,
-    reference: State | None = None,
-    max_iter: int = 100,
-    seed: int = 0,
-) -> dict[str, Tensor]:
-    """FedAvg of ``states`` after aligning each to ``reference`` (default: ``states[0]``, kept as is).
+@dataclass(frozen=True)
+class Alignment:
+    """A state permuted to line up with a reference, and how many of each permutation's units moved."""
 
-    States may hold different heads (each client its own domain's): each is permuted with its own
-    encoder, and ``strategies.aggregation.fedavg`` averages every key over the states that hold it.
+    state: dict[str, Tensor]
+    moved: dict[str, int]
+    units: dict[str, int]
+
+
+def align_to(reference: State, state: State, spec: PermutationSpec, seed: int = 0) -> Alignment:
+    """``state`` weight-matched to ``reference`` and permuted accordingly (its function unchanged)."""
+    perms = match_weights(reference, state, spec, seed=seed)
+    moved = {name: int((p != torch.arange(len(p))).sum()) for name, p in perms.items()}
+    return Alignment(apply_permutation(state, spec, perms), moved, {name: len(p) for name, p in perms.items()})
+
+
+def aligned(global_state: State, clients: Clients, context: MergeContext, *, residual: bool) -> dict[str, Tensor]:
+    """FedAvg of the clients after aligning each to the global state (the only align-then-average).
+
+    Clients hold different heads (each its own domain's): each is permuted with its own encoder, and the
+    key-wise mean averages every key over the clients that sent it. How many units each client's alignment
+    moved is noted per client (near 0 for fine-tunes of the global model, most units for independent runs).
     """
-    if not states:
-        raise ValueError("no states to average")
-    reference = states[0] if reference is None else reference
-    aligned = [
-        state if state is reference else apply_permutation(state, spec, match_weights(reference, state, spec, max_iter, seed))
-        for state in states
-    ]
-    return fedavg(aligned, weights)
+    if context.num_heads is None:
+        raise ValueError("the aligned rule needs the number of attention heads (MergeContext.num_heads)")
+    spec = permutation_spec(global_state, context.num_heads, residual=residual)
+    mean = StreamingMean()
+    for client in clients:
+        alignment = align_to(global_state, client.state, spec, seed=context.server_round)
+        moved = sum(alignment.moved.values())
+        context.notes.setdefault(client.name, {})["moved-units"] = moved
+        _LOG.info("aligned: round %d %s: %d units moved", context.server_round, client.name, moved)
+        mean.add(alignment.state, client.weight)
+    return mean.result()

@@ -1,9 +1,7 @@
-"""Shared test setup: offline Hugging Face (no test touches a hub), repository root on the path."""
-import sys
+"""Shared test setup: offline Hugging Face (no test touches a hub), tiny models and toy data."""
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fl.environment import configure  # noqa: E402
+from fl.environment import configure
 
 configure([])
 

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sims"))
-import bio_legal  # noqa: E402
+from sims import bio_legal
 
 
 @pytest.fixture

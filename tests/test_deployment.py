@@ -27,14 +27,19 @@ import tomllib
 
 from fl.client_app import client_role
 from fl.config import APP_OPTIONS, ConfigError, RunConfig
+from strategies.options import OptionError
+from strategies.rules import default_values
 from fl.model import load_merged
 from fl.server_app import app_options
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
 RUN_TIMEOUT = 300  # seconds for one `flwr run`; a healthy tiny run takes 1-2 minutes on 2 busy cores
-EXPERIMENT_KEYS = {"config", "strategies-run", "seed", "versions", "domains", "baselines", "strategies", "table", "effects", "wall-seconds"}
-FEDERATED_KEYS = {"config", "strategies-run", "seed", "versions", "domains", "strategies", "wall-seconds"}
+EXPERIMENT_KEYS = {
+    "config", "strategies-run", "strategy-options", "seed", "versions", "domains", "baselines", "strategies", "table", "effects",
+    "against-fedavg", "wall-seconds",
+}
+FEDERATED_KEYS = {"config", "strategies-run", "strategy-options", "seed", "versions", "domains", "strategies", "wall-seconds"}
 
 
 def free_port() -> int:
@@ -213,17 +218,20 @@ def run_config(tiny_model_dir: Path, toy_csvs: tuple[Path, Path], tmp_path: Path
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def assert_experiment_results(out: Path) -> None:
-    """The files and results.json layout of sims/bio_legal.py, every domain scored every round."""
+def assert_experiment_results(out: Path, strategy: str = "fedavg", statistic: str | None = None) -> None:
+    """The files and results.json layout of sims/bio_legal.py, every domain scored every round; a rule with a
+    statistic received it from every client every round (bytes recorded per client)."""
     results = json.loads((out / "results.json").read_text())
     assert set(results) == EXPERIMENT_KEYS
-    fedavg = results["strategies"]["fedavg"]
-    assert [r["round"] for r in fedavg["rounds"]] == [0, 1, 2]
-    assert all(0.0 <= r[d]["accuracy"] <= 1.0 for r in fedavg["rounds"] for d in ["bio", "legal"])
-    assert [sorted(c["client"].split("(")[1] for c in h["clients"]) for h in fedavg["clients"]] == [["bio-0)", "legal-0)"]] * 2
-    assert "| fedavg |" in (out / "results.md").read_text()
+    run = results["strategies"][strategy]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    assert all(0.0 <= r[d]["accuracy"] <= 1.0 for r in run["rounds"] for d in ["bio", "legal"])
+    assert [sorted(c["client"].split("(")[1] for c in h["clients"]) for h in run["clients"]] == [["bio-0)", "legal-0)"]] * 2
+    sent = [set(c["bytes-sent"]) for h in run["clients"] for c in h["clients"]]
+    assert sent == [{"arrays", statistic} if statistic else {"arrays"}] * 4
+    assert f"| {strategy} |" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
-    _, labels = load_merged(out / "fedavg")
+    _, labels = load_merged(out / strategy)
     assert set(labels) == {"bio", "legal"}
 
 
@@ -363,7 +371,9 @@ def test_app_config_in_pyproject_lists_every_run_config_option_with_its_default(
     declared = app["config"]
 
     assert app["components"] == {"serverapp": "fl.server_app:app", "clientapp": "fl.client_app:app"}
-    assert {k: v for k, v in declared.items() if k not in APP_OPTIONS} == RunConfig().to_record()
+    rule_options = default_values()
+    assert {k: v for k, v in declared.items() if k not in APP_OPTIONS and k not in rule_options} == RunConfig().to_record()
+    assert {k: v for k, v in declared.items() if k in rule_options} == rule_options
     assert set(APP_OPTIONS) <= set(declared)
 
 
@@ -388,12 +398,18 @@ def test_a_supernode_reads_its_domain_and_partition_from_its_node_config() -> No
 
 @pytest.mark.parametrize(
     ("overrides", "needle"),
-    [({"strategies": "fedavg,fedsgd"}, "'fedsgd'"), ({"out": "runs/x"}, "'runs/x' is relative"), ({"rounds": 0}, "--rounds 0")],
+    [
+        ({"strategies": "fedavg,fedsgd"}, "unknown fedsgd"),
+        ({"out": "runs/x"}, "'runs/x' is relative"),
+        ({"rounds": 0}, "--rounds 0"),
+        ({"strategies": "ties", "ties-density": 1.5}, "ties-density 1.5: expected a number > 0 and <= 1"),
+        ({"fisher-floor": "nan"}, "fisher-floor nan: expected a number > 0 and <= 1"),
+    ],
 )
 def test_the_server_app_refuses_a_bad_run_config_before_loading_anything(overrides: dict[str, object], needle: str) -> None:
     record = {"strategies": "fedavg", "out": "/tmp/fedmerge-out", **overrides}
 
-    with pytest.raises(ConfigError, match=re.escape(needle)):
+    with pytest.raises(OptionError, match=re.escape(needle)):
         app_options(record)
 
 
@@ -407,19 +423,20 @@ def test_flwr_run_in_simulation_mode_writes_the_experiment_results(flower: Flowe
     (flower.home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     federation = "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
 
-    run_id, log = run_app(flower, "local", run_config(), "--federation-config", federation)
+    run_id, log = run_app(flower, "local", run_config(strategies="fisher", **{"fisher-batches": 1}), "--federation-config", federation)
 
     assert flower.status("local", run_id)["status"] == "finished:completed", log[-3000:]
-    assert_experiment_results(tmp_path / "out")
+    assert_experiment_results(tmp_path / "out", "fisher", "fisher")
 
 
 def test_deployment_one_supernode_per_domain(flower: Flower, run_config, tmp_path: Path) -> None:
     deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL})
 
-    run_id, log = run_app(flower, deployment.connection, run_config())
+    run_id, log = run_app(flower, deployment.connection, run_config(strategies="regmean", **{"regmean-alpha": 0.5, "regmean-batches": 1}))
 
     assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", log[-3000:]
-    assert_experiment_results(tmp_path / "out")
+    assert_experiment_results(tmp_path / "out", "regmean", "gram")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["strategy-options"] == {"regmean": {"regmean-batches": 1, "regmean-alpha": 0.5}}
 
 
 def test_deployment_over_tls_with_supernode_auth_and_no_text_on_the_server(flower: Flower, run_config, tmp_path: Path) -> None:

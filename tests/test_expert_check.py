@@ -8,8 +8,7 @@ import pytest
 
 from fl.report import Effect, spread_markdown
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sims"))
-import expert_check  # noqa: E402
+from sims import expert_check
 
 
 def test_spread_counts_in_how_many_runs_each_effect_holds() -> None:

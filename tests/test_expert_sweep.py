@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sims"))
-import expert_sweep  # noqa: E402
+from sims import expert_sweep
 
 
 @pytest.mark.parametrize(

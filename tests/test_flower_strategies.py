@@ -1,4 +1,5 @@
-"""The Flower strategy classes: key-wise merging of replies, loud failures, aligned == FedAvg near identity."""
+"""The Flower strategy (one class driving any rule): key-wise merging of replies, loud failures, aligned == FedAvg
+near identity, bytes recorded per client."""
 
 from dataclasses import dataclass, field
 
@@ -9,7 +10,10 @@ from flwr.common.constant import ErrorCode
 from transformers import AutoModel
 
 from strategies.aggregation import UpdateError
-from strategies.flower import RoundFailed, error_text, make_strategy, per_domain_metrics, wait_for_nodes
+from strategies.flower import make_strategy, per_domain_metrics
+from strategies.options import OptionError
+from strategies.replies import RoundFailed, error_text, wait_for_nodes
+from strategies.rules import parse_names, settings
 from tests.conftest import tiny_bert_config
 
 
@@ -57,10 +61,16 @@ def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int)
     return FakeReply(content, node)
 
 
-def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int, continue_on_loss: bool = False):
-    strategy = make_strategy(name, clients, proximal_mu=0.1, client_eval=False, num_heads=4, continue_on_loss=continue_on_loss)
+def rule(name: str, **values: object):
+    return settings([name], values)[0]
+
+
+def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int, continue_on_loss: bool = False, **kw):
+    strategy = make_strategy(rule(name), clients, client_eval=False, num_heads=4, continue_on_loss=continue_on_loss, **kw)
     strategy.global_state = global_state
-    strategy.expected_replies = clients
+    strategy.policy.sent = [FakeReply(None, 0) for _ in range(clients)]  # what configure_train would have sent
+    for i, msg in enumerate(strategy.policy.sent):
+        msg.metadata.message_id = f"sent-{i}"
     return strategy
 
 
@@ -106,7 +116,7 @@ def bio_answers_legal_is_lost(strategy, lost_code: int = ErrorCode.NODE_UNAVAILA
     sent = [FakeReply(None, 0), FakeReply(None, 0)]
     for msg, (message_id, node) in zip(sent, [("m-bio", 7), ("m-legal", 9)]):
         msg.metadata.message_id, msg.metadata.dst_node_id = message_id, node
-    strategy.sent = sent
+    strategy.policy.sent = sent
     ok = reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 7)
     ok.metadata.reply_to_message_id = "m-bio"
     lost = FakeReply(None, 1, FakeError("Error: Node Unavailable - no heartbeat", lost_code))
@@ -138,8 +148,9 @@ def test_in_continue_mode_a_lost_node_is_dropped_recorded_and_no_longer_waited_f
     (entry,) = strategy.client_history[0]["lost"]
     assert strategy.client_history[0]["round"] == 3 and entry["node"] == "node 9" and entry["stage"] == "train"
     assert ("Node Unavailable" if how == "superlink-error" else "no reply") in entry["reason"]
+    strategy.follow_policy()
     assert (strategy.min_available_nodes, strategy.min_train_nodes) == (1, 1)
-    assert wait_for_nodes(FakeGrid([7]), strategy.min_available_nodes, 0.1, "round 4", strategy.node_names) == [7]
+    assert wait_for_nodes(FakeGrid([7]), strategy.min_available_nodes, 0.1, "round 4", strategy.policy.node_names) == [7]
 
 
 def test_in_continue_mode_a_client_that_raised_still_fails_the_run() -> None:
@@ -167,8 +178,8 @@ class FakeGrid:
 
 
 def test_a_round_waiting_for_a_node_that_left_gives_up_after_the_reply_timeout_naming_it() -> None:
-    strategy = make_strategy("fedavg", 2, 0.0, False, reply_timeout=0.5)
-    strategy.node_names = {7: "node 7 (bio-0)", 9: "node 9 (legal-0)"}
+    strategy = make_strategy(rule("fedavg"), 2, False, reply_timeout=0.5)
+    strategy.policy.node_names = {7: "node 7 (bio-0)", 9: "node 9 (legal-0)"}
 
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 nodes connected after 0 s; lost: node 9 \(legal-0\)"):
         strategy.configure_train(2, ArrayRecord(toy_global()), ConfigRecord(), FakeGrid([7]))
@@ -210,8 +221,7 @@ def test_a_nan_update_is_refused_before_averaging() -> None:
 
 @pytest.mark.parametrize(("examples", "expected"), [(0, "expected a number > 0"), (5000, "expected at most 640")])
 def test_a_num_examples_no_round_allows_is_refused_naming_the_client(examples: int, expected: str) -> None:
-    strategy = make_strategy("fedavg", 2, proximal_mu=0.0, client_eval=False, max_examples=640)
-    strategy.global_state, strategy.expected_replies = toy_global(), 2
+    strategy = strategy_with_global("fedavg", toy_global(), 2, max_examples=640)
     honest = reply({"encoder.w": torch.ones(2)}, 640, "bio", 1)
 
     with pytest.raises(UpdateError, match=rf"node 2 \(legal-0\): num-examples {examples}: {expected}"):
@@ -237,6 +247,7 @@ def test_aligned_equals_fedavg_when_clients_are_small_updates_of_the_global_mode
     assert [c["moved-units"] for c in aligned_strategy.client_history[0]["clients"]] == [0, 0]  # kept in results.json
 
 
-def test_unknown_strategy_names_the_value() -> None:
-    with pytest.raises(ValueError, match="'fedsgd'"):
-        make_strategy("fedsgd", 2, 0.0, False)
+@pytest.mark.parametrize(("text", "needle"), [("fedavg,fedsgd", "unknown fedsgd"), ("fedavg,ties,fedavg", "fedavg listed more than once"), (",", "none given")])
+def test_a_bad_strategy_list_names_the_value(text: str, needle: str) -> None:
+    with pytest.raises(OptionError, match=needle):
+        parse_names(text)

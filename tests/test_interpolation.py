@@ -26,8 +26,7 @@ from fl.model import save_merged
 from fl.permuted_init import permuted_copy
 from fl.probe import fit_probe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sims"))
-import barrier  # noqa: E402
+from sims import barrier
 
 HEADS = 4
 State = dict[str, torch.Tensor]

@@ -14,12 +14,13 @@ from strategies.permutation import (
     RESIDUAL,
     HeadGroup,
     PermutationSpec,
-    aligned_average,
+    aligned,
     apply_permutation,
     match_weights,
     permutation_spec,
     random_permutation,
 )
+from strategies.update import ClientUpdate, MergeContext
 
 HEADS = 4
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=64, vocab_size=100,
@@ -48,6 +49,12 @@ def _full_state(family: str) -> dict[str, torch.Tensor]:
         key: value + 0.05 * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
         for key, value in state.items()
     }
+
+
+def _aligned_mean(reference: dict[str, torch.Tensor], states: list, weights: list[float], residual: bool = True):
+    """The aligned rule with ``reference`` as the global model."""
+    clients = [ClientUpdate(f"client {i}", f"c{i}", state, w) for i, (state, w) in enumerate(zip(states, weights))]
+    return aligned(reference, clients, MergeContext(num_heads=HEADS), residual=residual)
 
 
 def _noisy(state: dict[str, torch.Tensor], seed: int, scale: float = 1e-3) -> dict[str, torch.Tensor]:
@@ -110,7 +117,7 @@ def test_matching_recovers_planted_permutation(family: str, residual: bool) -> N
     permuted = apply_permutation(state, spec, random_permutation(spec, state, torch.Generator().manual_seed(3)))
 
     perms = match_weights(state, permuted, spec)
-    averaged = aligned_average([state, permuted], [1.0, 3.0], spec)
+    averaged = _aligned_mean(state, [state, permuted], [1.0, 3.0], residual)
 
     realigned = apply_permutation(permuted, spec, perms)
     assert all(torch.equal(realigned[key], value) for key, value in state.items())
@@ -143,7 +150,7 @@ def test_head_matching_is_exact_optimum_over_head_structured_permutations(seed: 
     assert score(perms["qk"], perms["vo"]) == pytest.approx(best, rel=1e-9)
 
 
-def test_aligned_average_permutes_each_clients_own_head() -> None:
+def test_aligned_rule_permutes_each_clients_own_head() -> None:
     full = _full_state("bert")
     full["heads.law.weight"] = torch.randn(2, 32, generator=torch.Generator().manual_seed(6))
     full["heads.law.bias"] = torch.zeros(2)
@@ -152,7 +159,7 @@ def test_aligned_average_permutes_each_clients_own_head() -> None:
     news_client = {key: value for key, value in full.items() if not key.startswith("heads.law.")}
     law_client = {key: value for key, value in permuted.items() if not key.startswith("heads.news.")}
 
-    averaged = aligned_average([news_client, law_client], [1.0, 1.0], spec)
+    averaged = _aligned_mean(full, [news_client, law_client], [1.0, 1.0])
 
     assert set(averaged) == set(full)
     assert max((averaged[key] - value).abs().max().item() for key, value in full.items()) < 1e-6
@@ -166,7 +173,7 @@ def test_matching_returns_identity_for_nearby_models() -> None:
     spec = permutation_spec(base, HEADS, residual=True)
 
     perms = match_weights(first, second, spec)
-    averaged = aligned_average([first, second], [1.0, 3.0], spec)
+    averaged = _aligned_mean(first, [first, second], [1.0, 3.0])
 
     assert all(torch.equal(perm, torch.arange(len(perm))) for perm in perms.values())
     for key, value in first.items():

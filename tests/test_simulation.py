@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from fl.baselines import fit_base, load_data, make_workbench
+from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
 from fl.config import RunConfig
-from fl.server_app import CentralEvaluator
+from fl.rounds import CentralEvaluator
 from fl.simulation import SimulationFailed, run_strategy
 
 
@@ -35,7 +35,7 @@ def test_two_clients_two_rounds_merge_and_score_every_domain_each_round(tiny_run
     config, bench, start, base_scores = tiny_run
     evaluator = CentralEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)
 
-    outcome = run_strategy(config, "fedavg", start, evaluator)
+    outcome = run_strategy(config, FEDAVG, start, evaluator)
 
     assert sorted(evaluator.history) == [0, 1, 2]
     assert all(set(scores) == {"bio", "legal"} for scores in evaluator.history.values())
@@ -51,4 +51,4 @@ def test_a_client_that_raises_fails_the_run_with_its_error(tiny_run) -> None:
     evaluator = CentralEvaluator(bench.model, bench.test_sets, "broken", initial_scores=base_scores)
 
     with pytest.raises(SimulationFailed, match="missing.csv"):
-        run_strategy(broken, "fedavg", start, evaluator)
+        run_strategy(broken, FEDAVG, start, evaluator)

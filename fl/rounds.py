@@ -1,0 +1,120 @@
+"""The rounds of one strategy on a Flower Grid, and the central evaluation that scores each of them.
+
+Central evaluation (``evaluate_fn``) scores the global model on each domain's held-out set before the first
+round and after every round, so each strategy gets per-round, per-domain curves. A strategy that raises (a
+failed client, a corrupt update) ends the run with that error instead of a silent "0 results" round.
+``run_on_grid`` serves a local simulation (``fl.simulation``) and ``flwr run`` (``fl.server_app``) alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fl.batches import Encoded
+from fl.config import RunConfig
+from fl.evaluation import Score, evaluate
+from fl.model import MultiHeadEncoder, num_attention_heads
+from strategies.flower import make_strategy
+from strategies.rules import RuleSetting
+
+log = logging.getLogger(__name__)
+
+
+class CentralEvaluator:
+    """Scores the global weights on every domain's test set and keeps every round's scores."""
+
+    def __init__(
+        self,
+        model: MultiHeadEncoder,
+        tests: Mapping[str, Encoded],
+        label: str,
+        initial_scores: Mapping[str, Score] | None = None,
+    ) -> None:
+        self.model = model
+        self.tests = tests
+        self.label = label
+        self.initial_scores = initial_scores  # the start model is already scored as the 'base' baseline
+        self.history: dict[int, dict[str, Score]] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round == 0 and self.initial_scores is not None:
+            scores = dict(self.initial_scores)
+        else:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            scores = {domain: evaluate(self.model, domain, data) for domain, data in self.tests.items()}
+        self.history[server_round] = scores
+        log.info(
+            "%s round %d: %s",
+            self.label,
+            server_round,
+            "  ".join(f"{d} acc {s.accuracy:.3f} f1 {s.macro_f1:.3f} loss {s.loss:.3f}" for d, s in scores.items()),
+        )
+        return MetricRecord({f"{d}-{k}": v for d, s in scores.items() for k, v in s.summary().items()})
+
+
+@dataclass
+class StrategyOutcome:
+    """What one strategy's run leaves behind for the report."""
+
+    final_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    client_history: list[dict[str, object]] = field(default_factory=list)
+    client_evaluations: dict[int, dict[str, float]] = field(default_factory=dict)  # client-eval: round -> per-domain means
+    error: BaseException | None = None
+
+
+def run_on_grid(
+    grid: Grid,
+    config: RunConfig,
+    setting: RuleSetting,
+    initial_state: Mapping[str, torch.Tensor],
+    evaluator: CentralEvaluator | None,
+) -> StrategyOutcome:
+    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails."""
+    strategy = make_strategy(
+        setting,
+        config.num_clients,
+        config.client_eval,
+        num_heads=num_attention_heads(config.model),
+        seed=config.seed,
+        reply_timeout=config.reply_timeout,
+        continue_on_loss=config.on_node_loss == "continue",
+        max_examples=config.local_steps * config.batch_size,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(dict(initial_state)),
+        num_rounds=config.rounds,
+        timeout=config.reply_timeout,
+        train_config=ConfigRecord({"local-steps": config.local_steps}),
+        evaluate_fn=evaluator,
+    )
+    evaluations = {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+    return StrategyOutcome(result.arrays.to_torch_state_dict(), strategy.client_history, evaluations)
+
+
+def make_server_app(
+    config: RunConfig,
+    setting: RuleSetting,
+    initial_state: Mapping[str, torch.Tensor],
+    evaluator: CentralEvaluator,
+    outcome: StrategyOutcome,
+) -> ServerApp:
+    """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            done = run_on_grid(grid, config, setting, initial_state, evaluator)
+        except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
+            outcome.error = error
+            raise
+        outcome.final_state, outcome.client_history = done.final_state, done.client_history
+
+    return app

@@ -1,0 +1,163 @@
+"""Which replies of a round may be merged: failed and silent nodes, lost-node policy, claimed example counts.
+
+Flower's default is to log "Received 0 results and N failures", keep the old weights and carry on. Here a
+round (training, client evaluation, or the label query of a server without data) with a failed or missing
+node raises ``RoundFailed`` naming every such node. With ``continue_on_loss`` a node that is lost (no
+heartbeat, a crashed ClientApp, no reply in time) is dropped instead: the round goes on with the remaining
+replies, the loss is logged and recorded per round, and later rounds stop waiting for it. A ClientApp that
+raised still fails the run: that is a bug, not a loss. A reply's claimed ``num-examples`` is its averaging
+weight, so one above what a round's steps allow is refused: it would let one client own the global model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Message
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from strategies.aggregation import UpdateError
+
+log = logging.getLogger(__name__)
+
+# Errors the SuperLink or the node's runtime writes when a node or its ClientApp process is gone, as opposed
+# to the ClientApp raising (codes 1, 2) or refusing the app (6, 7).
+LOST_NODE_CODES = frozenset(
+    {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED}
+)
+
+
+class RoundFailed(RuntimeError):
+    """A round cannot produce a trustworthy result."""
+
+
+def describe_client(msg: Message) -> str:
+    return f"node {msg.metadata.src_node_id} ({client_identity(msg) or '?'})"
+
+
+def client_identity(msg: Message) -> str | None:
+    """The client's stable name, "<domain>-<partition>", from its ``client`` record (node ids change per run)."""
+    info = msg.content.config_records.get("client") if msg.has_content() else None
+    return f"{info['domain']}-{info['partition-id']}" if info and "domain" in info else None
+
+
+def error_text(reason: str) -> str:
+    """The client's own exception message, without Flower's wrapping: "... occurred. Message: TEXT'>" (simulation)
+    or "<class 'ConfigError'>:<'TEXT'>" (a SuperNode)."""
+    flat = " ".join(reason.split())
+    tail = flat.rsplit("Message: ", 1)[-1]
+    if tail.startswith("<class '") and ">:<'" in tail:
+        tail = tail.split(">:<'", 1)[1]
+    return tail.removesuffix("'>")[-500:]
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, stage: str, known: Mapping[int, str]) -> list[int]:
+    """The connected nodes once `needed` are; Flower's sampling waits forever, this fails after `timeout`
+    seconds naming the known nodes that are gone."""
+    deadline = time.monotonic() + timeout
+    while len(online := list(grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            lost = [name for node, name in known.items() if node not in online]
+            raise RoundFailed(
+                f"{stage}: {len(online)} of {needed} nodes connected after {timeout:.0f} s" + (f"; lost: {', '.join(lost)}" if lost else "")
+            )
+        time.sleep(1)
+    return online
+
+
+class ReplyPolicy:
+    """Remembers what a stage sent and which nodes serve whom, and decides which of its replies are usable."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        reply_timeout: float = 3600.0,
+        continue_on_loss: bool = False,
+        max_examples: int | None = None,
+        weighted_by_key: str = "num-examples",
+    ) -> None:
+        self.num_nodes = num_nodes  # nodes a round waits for; lowered when a node is dropped in continue mode
+        self.reply_timeout = reply_timeout  # also how long a round waits for lost nodes to come back
+        self.continue_on_loss = continue_on_loss
+        self.max_examples = max_examples  # the most examples one client can train on in a round (steps x batch)
+        self.weighted_by_key = weighted_by_key
+        self.lost_nodes: dict[int, list[dict[str, str]]] = {}  # continue mode: round -> stage, node, reason of each loss
+        self.node_names: dict[int, str] = {}  # node id -> "node ID (domain-partition)", from earlier replies
+        self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
+
+    def wait(self, grid: Grid, stage: str) -> list[int]:
+        return wait_for_nodes(grid, self.num_nodes, self.reply_timeout, stage, self.node_names)
+
+    def sending(self, messages: Iterable[Message]) -> list[Message]:
+        """Remember a stage's messages (to name a node that does not answer); returns them as a list."""
+        self.sent = list(messages)
+        return self.sent
+
+    def node_of(self, reply: Message) -> str:
+        """The client a reply is about. The SuperLink itself answers for a node that stopped sending
+        heartbeats, so the node is found through the message the reply answers."""
+        for msg in self.sent:
+            if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+                return self.node_name(msg.metadata.dst_node_id)
+        return describe_client(reply)
+
+    def node_name(self, node: int) -> str:
+        return self.node_names.get(node, f"node {node}")
+
+    def usable(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
+        """The replies to use: all of them, or RoundFailed naming every failed or silent node; in continue
+        mode lost nodes are dropped (and remembered) as long as one client answered and none raised."""
+        for msg in replies:
+            if not msg.has_error():
+                self.node_names[msg.metadata.src_node_id] = describe_client(msg)
+        failed = [m for m in replies if m.has_error()]
+        ok = [m for m in replies if not m.has_error()]
+        raised = [m for m in failed if m.error.code not in LOST_NODE_CODES]
+        missing = len(replies) < len(self.sent)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
+        if self.continue_on_loss and ok and not raised:
+            if failed or missing:
+                self.drop_lost(server_round, stage, failed, silent, len(ok))
+            return ok
+        if failed:
+            reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
+            hint = "" if raised or self.continue_on_loss else " (on-node-loss=continue would finish rounds with the remaining clients)"
+            raise RoundFailed(f"{stage_name(server_round, stage)}: {len(failed)} of {len(replies)} clients failed: {reasons}{hint}")
+        if missing:
+            raise RoundFailed(
+                f"{stage_name(server_round, stage)}: {len(replies)} replies for {len(self.sent)} clients "
+                f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
+            )
+        return ok
+
+    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[str], remaining: int) -> None:
+        """Record and log the lost nodes, and let later rounds start with the nodes that are left."""
+        losses = [(self.node_of(m), error_text(m.error.reason)) for m in failed] + [(n, "no reply in time") for n in silent]
+        for node, reason in losses:
+            self.lost_nodes.setdefault(server_round, []).append({"stage": stage, "node": node, "reason": reason})
+            log.warning("round %d %s: lost %s (%s); continuing with %d clients", server_round, stage, node, reason, remaining)
+        self.num_nodes = min(self.num_nodes, remaining)
+
+    def claimed_examples(self, msg: Message) -> float:
+        """A reply's averaging weight, refused when no client could have trained on that many examples."""
+        metrics = msg.content["metrics"]
+        if self.weighted_by_key not in metrics:
+            raise UpdateError(f"{describe_client(msg)}: sent no '{self.weighted_by_key}'")
+        weight = float(metrics[self.weighted_by_key])
+        if not (math.isfinite(weight) and weight > 0):
+            raise UpdateError(f"{describe_client(msg)}: {self.weighted_by_key} {weight:g}: expected a number > 0")
+        if self.max_examples is not None and weight > self.max_examples:
+            raise UpdateError(
+                f"{describe_client(msg)}: {self.weighted_by_key} {weight:g}: expected at most {self.max_examples}"
+                " (local-steps x batch-size)"
+            )
+        return weight
+
+
+def stage_name(server_round: int, stage: str) -> str:
+    return f"round {server_round} {stage}" if server_round > 0 else stage

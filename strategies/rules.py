@@ -1,0 +1,219 @@
+"""The registry of merge rules: each is one pure function plus one declaration of its options.
+
+A rule maps (global state, client updates, round context, option values) to the merged keys. Its declaration
+says what its options are (``strategies.options.Option``), which of them go to the clients instead (FedProx's
+mu, how many batches a statistic is computed over), which extra statistics clients must send, and what the
+README's table says about it. The CLI flags, the Flower run-config keys, validation and that table are all
+made from this one registry; ``Rule.merge`` checks every client (weights and statistics) before the function
+sees it, so the one-shot baselines, the Flower strategy and the tests merge with the same checked code.
+
+    python -m strategies.rules      # prints the README's table of rules
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from strategies.aggregation import UpdateError, check_update
+from strategies.averaging import average
+from strategies.fisher import FISHER, fisher_average
+from strategies.options import Option, OptionError
+from strategies.permutation import aligned
+from strategies.regmean import GRAM, regmean
+from strategies.task_vectors import dare, dare_ties, task_arithmetic, ties
+from strategies.update import Clients, MergeContext, State, Statistic
+
+OptionValue = float | int | bool
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    function: Callable[..., dict[str, torch.Tensor]]
+    summary: str  # what the server does, one line
+    paper: str
+    memory: str  # the server's extra memory while merging
+    use_when: str
+    options: tuple[Option, ...] = ()
+    client_options: Mapping[str, str] = field(default_factory=dict)  # option name -> train-config key sent to clients
+    statistic: Statistic | None = None
+    one_shot: bool = True  # whether merging two finished experts with it means something (FedProx's term is training-only)
+
+    def key(self, option: Option) -> str:
+        return f"{self.name}-{option.name}"
+
+    def defaults(self) -> dict[str, OptionValue]:
+        return {option.name: option.default for option in self.options}
+
+    def merge(
+        self, global_state: State, clients: Clients, context: MergeContext, values: Mapping[str, OptionValue]
+    ) -> dict[str, torch.Tensor]:
+        """The merged keys (only those some client sent), after every client passed its checks."""
+        if not clients:
+            raise UpdateError(f"{self.name}: no client updates to merge")
+        for client in clients:
+            check_client(global_state, client.state, client.weight, client.name)
+            if self.statistic is not None:
+                if not client.statistics:
+                    raise UpdateError(f"{client.name}: sent no '{self.statistic.name}' statistics, which {self.name} needs")
+                self.statistic.check(client.state, client.statistics, client.name)
+        arguments = {o.parameter: values[o.name] for o in self.options if o.name not in self.client_options}
+        return self.function(global_state, clients, context, **arguments)
+
+    def client_config(self, values: Mapping[str, OptionValue]) -> dict[str, OptionValue | str]:
+        """What clients must know to train for this rule: its client-side options and the statistic to send."""
+        config: dict[str, OptionValue | str] = {key: values[name] for name, key in self.client_options.items()}
+        if self.statistic is not None:
+            config["statistic"] = self.statistic.name
+        return config
+
+
+def check_client(global_state: State, state: State, weight: float, name: str) -> None:
+    check_update(global_state, state, name)
+    if not (math.isfinite(weight) and weight > 0):
+        raise UpdateError(f"{name}: averaging weight {weight:g}: expected a number > 0")
+
+
+LAMBDA = Option("lambda", float, 1.0, "scale of the merged delta added to the global model (1: no extrapolation)", 0.0, 10.0, low_open=True)
+DROP = Option("drop", float, 0.9, "probability of dropping each delta coordinate (survivors scaled by 1/(1-drop))", 0.0, 1.0, high_open=True)
+BATCHES = Option("batches", int, 4, "training batches each client computes its statistic over, every round", 1, 10_000)
+
+RULES: Mapping[str, Rule] = {
+    rule.name: rule
+    for rule in [
+        Rule(
+            "fedavg", average, "weighted mean of the clients' weights, key by key", "McMahan et al. 2017",
+            "1 model copy (float32 sums)", "the reference; clients fine-tuned from one shared start",
+        ),
+        Rule(
+            "fedprox", average, "FedAvg's merge; clients add mu/2 ||w - w_global||^2 to their loss", "Li et al. 2020",
+            "1 model copy", "clients drift apart (many local steps, non-IID data)",
+            options=(Option("mu", float, 0.01, "weight of the clients' proximal term", 0.0, 1e4),),
+            client_options={"mu": "proximal-mu"},
+            one_shot=False,
+        ),
+        Rule(
+            "aligned", aligned, "weight-match each client to the global model (heads, FFN units), then FedAvg",
+            "Ainsworth et al. 2023 (Git Re-Basin)", "1 model copy + one aligned client at a time",
+            "clients that did not start from one shared model (independent runs, --init permuted)",
+            options=(Option("residual", bool, True, "also permute the residual stream (embeddings, LayerNorms, heads)"),),
+        ),
+        Rule(
+            "task-arithmetic", task_arithmetic, "global + lambda x weighted mean of the deltas (lambda 1 = FedAvg)",
+            "Ilharco et al. 2023", "1 model copy", "a server step size: lambda > 1 extrapolates the clients' common direction",
+            options=(LAMBDA,),
+        ),
+        Rule(
+            "ties", ties, "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
+            "Yadav et al. 2023", "buffers of one tensor; every reply held (two passes)",
+            "deltas that interfere (coordinates where clients pull in opposite directions)",
+            options=(Option("density", float, 0.2, "fraction of each delta tensor's entries kept (largest magnitudes)", 0.0, 1.0, low_open=True), LAMBDA),
+        ),
+        Rule(
+            "dare", dare, "drop delta coordinates at random (rescaled), weighted mean, x lambda", "Yu et al. 2024",
+            "1 model copy", "large, redundant deltas; a random sparsification of what is merged",
+            options=(DROP, LAMBDA),
+        ),
+        Rule(
+            "dare-ties", dare_ties, "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
+            "Yu et al. 2024", "buffers of one tensor; every reply held (two passes)", "as TIES, with a random sparsification",
+            options=(DROP, LAMBDA),
+        ),
+        Rule(
+            "fisher", fisher_average, "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",
+            "Matena & Raffel 2022", "2 model copies", "clients whose weights matter for their data in different places",
+            options=(BATCHES, Option("floor", float, 1e-6, "lower bound of every Fisher value (no information -> FedAvg)", 0.0, 1.0, low_open=True)),
+            client_options={"batches": "statistic-batches"},
+            statistic=FISHER,
+        ),
+        Rule(
+            "regmean", regmean, "per linear layer the least-squares merge (sum w G)^-1 sum w G W, the rest FedAvg",
+            "Jin et al. 2023", "1 model copy + the summed Grams", "linear layers whose inputs differ between domains",
+            options=(BATCHES, Option("alpha", float, 0.9, "scale of each Gram's off-diagonal entries (1: exact least squares)", 0.0, 1.0)),
+            client_options={"batches": "statistic-batches"},
+            statistic=GRAM,
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class RuleSetting:
+    """A rule with the values of its options: what one strategy of a run merges with."""
+
+    rule: Rule
+    values: Mapping[str, OptionValue]
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def merge(self, global_state: State, clients: Clients, context: MergeContext) -> dict[str, torch.Tensor]:
+        return self.rule.merge(global_state, clients, context, self.values)
+
+    def client_config(self) -> dict[str, OptionValue | str]:
+        return self.rule.client_config(self.values)
+
+    def record(self) -> dict[str, OptionValue]:
+        """The values under their keys (``ties-density``), for results.json."""
+        return {self.rule.key(o): self.values[o.name] for o in self.rule.options}
+
+
+def option_keys() -> dict[str, tuple[Rule, Option]]:
+    """Every option of every rule by its key (flag and run-config key)."""
+    return {rule.key(option): (rule, option) for rule in RULES.values() for option in rule.options}
+
+
+def default_values() -> dict[str, OptionValue]:
+    return {key: option.default for key, (_, option) in option_keys().items()}
+
+
+def parse_names(text: str) -> list[str]:
+    """Comma-separated rule names, each known and listed once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RULES]
+    if unknown or not names:
+        raise OptionError(f"strategies '{text}': unknown {', '.join(unknown) or 'none given'}; expected some of {', '.join(RULES)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise OptionError(f"strategies '{text}': {', '.join(repeated)} listed more than once")
+    return names
+
+
+def settings(names: Sequence[str], values: Mapping[str, object]) -> list[RuleSetting]:
+    """The named rules with their option values (``values`` by key; a key not given keeps its default). Every
+    given value is checked, also those of rules not named: a bad value is a mistake wherever it is."""
+    keys = option_keys()
+    unknown = [key for key in values if key not in keys]
+    if unknown:
+        raise OptionError(f"unknown rule option '{unknown[0]}': expected one of {', '.join(keys)}")
+    parsed = {key: keys[key][1].parse(key, value) for key, value in values.items()}
+    chosen = []
+    for name in names:
+        rule = RULES[name]
+        chosen.append(RuleSetting(rule, {o.name: parsed.get(rule.key(o), o.default) for o in rule.options}))
+    return chosen
+
+
+def markdown_table() -> str:
+    """The README's table of rules, made from the registry."""
+    lines = [
+        "| rule | what the server does | options (default; range) | clients send | server memory | when to use |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rule in RULES.values():
+        options = "<br>".join(
+            f"`{rule.key(o)}` {o.default} ({o.range_text}): {o.help}" + (" [client side]" if o.name in rule.client_options else "")
+            for o in rule.options
+        )
+        sends = "weights" + (f" + {rule.statistic.describe}" if rule.statistic else "")
+        lines.append(f"| `{rule.name}` ({rule.paper}) | {rule.summary} | {options or '-'} | {sends} | {rule.memory} | {rule.use_when} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -1,0 +1,67 @@
+"""What a merge rule receives: the global state, each client's update, and the round it happens in.
+
+A client's update is its returned weights (the encoder plus its own domain's head), its averaging weight (the
+number of examples it trained on) and, for rules that need them, extra statistics computed on its own data
+(a diagonal Fisher, or Gram matrices of layer inputs). Rules are pure functions over these: no Flower import.
+They may read the clients more than once (TIES elects signs before it averages), so callers pass a sequence;
+values may be zero-copy views of received bytes, and rules never write into them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from strategies.aggregation import as_tensors
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution to a merge."""
+
+    name: str  # for messages: "node 12 (bio-0)"
+    identity: str  # stable across runs ("bio-0"): seeds the client's random draws and orders the sum
+    state: Mapping[str, torch.Tensor]  # numpy arrays are viewed as tensors on construction, never copied
+    weight: float  # examples trained on
+    statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", as_tensors(self.state))
+        object.__setattr__(self, "statistics", as_tensors(self.statistics))
+
+
+@dataclass
+class MergeContext:
+    """The round a merge belongs to, and what a rule reports back per client (kept in results.json)."""
+
+    server_round: int = 1
+    seed: int = 0
+    num_heads: int | None = None  # attention heads per layer: permutation-aware rules need it
+    notes: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def generator(self, identity: str, key: str = "") -> torch.Generator:
+        """A generator seeded by the run's seed, the round, the client and (optionally) the parameter, so a
+        client's draws do not depend on the order replies arrived in and can be drawn again identically."""
+        text = f"{self.seed}/{self.server_round}/{identity}/{key}"
+        return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+
+
+Clients = Sequence[ClientUpdate]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Extra numbers a rule needs from every client besides its weights, computed on the client's own data.
+
+    ``name`` is both the record a client sends them in and what the server asks for; ``check`` refuses a
+    client's statistics (UpdateError naming the client) before anything is merged.
+    """
+
+    name: str
+    describe: str  # for the README: what is sent
+    check: Callable[[State, State, str], None]  # (client state, its statistics, client name)
