@@ -15,7 +15,7 @@ from fl.config import ConfigError, RunConfig
 from fl.data import DataError, parse_partition_scheme
 from fl.model import ModelError
 from strategies.options import OptionError
-from strategies.rules import RULES, RuleSetting, option_keys, parse_names, settings
+from strategies.rules import RULES, RuleSetting, inline_values, option_keys, parse_names, settings
 
 INPUT_ERRORS = (OptionError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
 QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
@@ -60,7 +60,11 @@ def run_options(description: str) -> argparse.ArgumentParser:
 
 def add_rule_options(p: argparse.ArgumentParser) -> None:
     """--strategies and one flag per option of every merge rule, from the rules' own declarations."""
-    p.add_argument("--strategies", default="fedavg,fedprox", help=f"comma-separated merge rules: {', '.join(RULES)}")
+    p.add_argument(
+        "--strategies",
+        default="fedavg,fedprox",
+        help=f"comma-separated merge rules ({', '.join(RULES)}); a variant takes options inline: ties:density=0.1:lambda=2",
+    )
     group = p.add_argument_group("merge-rule options", "each applies to its rule only (README: table of rules)")
     for key, (_, option) in option_keys().items():
         shown = f"{option.help}; {option.range_text} (default: {option.default})".replace("%", "%%")
@@ -83,14 +87,15 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def rule_settings(args: argparse.Namespace) -> list[RuleSetting]:
     """The --strategies with their options; an option of a rule that is not selected is refused (a typo, or a
     forgotten strategy, would otherwise pass silently)."""
-    names = parse_names(args.strategies)
+    entries = parse_names(args.strategies)
+    selected = {inline_values(entry)[0].name for entry in entries}
     keys = option_keys()
     given = {k: v for k, v in vars(args).items() if k in keys}
     for key in given:
         rule = keys[key][0].name
-        if rule not in names:
+        if rule not in selected:
             raise OptionError(f"--{key} is an option of {rule}, which --strategies {args.strategies} does not select")
-    return settings(names, given)
+    return settings(entries, given)
 
 
 def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:

@@ -65,19 +65,24 @@ class Option:
             if self.kind is int and isinstance(value, float) and value != number:
                 raise ValueError
         except (TypeError, ValueError):
-            raise OptionError(f"{key} {value!r}: expected {self.range_text}") from None
-        return self.check(key, number)
+            raise OptionError(f"{key} {shown(value)}: expected {self.range_text}") from None
+        return self.check(key, number, value)
 
-    def check(self, key: str, number: float | int) -> float | int:
-        """``number`` if it lies in the range (NaN and infinities never do)."""
+    def check(self, key: str, number: float | int, given: object = None) -> float | int:
+        """``number`` if it lies in the range (NaN and infinities never do); errors show the value as ``given``."""
         inside = math.isfinite(number)
         if inside and self.low is not None:
             inside = number > self.low if self.low_open else number >= self.low
         if inside and self.high is not None:
             inside = number < self.high if self.high_open else number <= self.high
         if not inside:
-            raise OptionError(f"{key} {number!r}: expected {self.range_text}")
+            raise OptionError(f"{key} {shown(number if given is None else given)}: expected {self.range_text}")
         return number
+
+
+def shown(value: object) -> str:
+    """A value as the user typed it: text as is (a CLI flag or a TOML string), anything else as Python shows it."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def parse_bool(key: str, value: object) -> bool:
@@ -88,4 +93,4 @@ def parse_bool(key: str, value: object) -> bool:
         return True
     if text in {"false", "0", "no"}:
         return False
-    raise OptionError(f"{key} {value!r}: expected true or false")
+    raise OptionError(f"{key} {shown(value)}: expected true or false")

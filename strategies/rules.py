@@ -90,7 +90,7 @@ RULES: Mapping[str, Rule] = {
             "1 model copy (float32 sums)", "the reference; clients fine-tuned from one shared start",
         ),
         Rule(
-            "fedprox", average, "FedAvg's merge; clients add mu/2 ||w - w_global||^2 to their loss", "Li et al. 2020",
+            "fedprox", average, "FedAvg's merge; clients add mu/2 x their squared distance to the global weights to their loss", "Li et al. 2020",
             "1 model copy", "clients drift apart (many local steps, non-IID data)",
             options=(Option("mu", float, 0.01, "weight of the clients' proximal term", 0.0, 1e4),),
             client_options={"mu": "proximal-mu"},
@@ -143,14 +143,12 @@ RULES: Mapping[str, Rule] = {
 
 @dataclass(frozen=True)
 class RuleSetting:
-    """A rule with the values of its options: what one strategy of a run merges with."""
+    """A rule with the values of its options: what one strategy of a run merges with. ``name`` is the rule's
+    name, or for a variant given inline (``ties:density=0.1``) that text: the strategy's row and folder."""
 
     rule: Rule
     values: Mapping[str, OptionValue]
-
-    @property
-    def name(self) -> str:
-        return self.rule.name
+    name: str
 
     def merge(self, global_state: State, clients: Clients, context: MergeContext) -> dict[str, torch.Tensor]:
         return self.rule.merge(global_state, clients, context, self.values)
@@ -173,29 +171,50 @@ def default_values() -> dict[str, OptionValue]:
 
 
 def parse_names(text: str) -> list[str]:
-    """Comma-separated rule names, each known and listed once."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in RULES]
-    if unknown or not names:
-        raise OptionError(f"strategies '{text}': unknown {', '.join(unknown) or 'none given'}; expected some of {', '.join(RULES)}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    """Comma-separated strategies, each a rule name, or a variant with options inline (``ties:density=0.1:lambda=2``,
+    for several settings of one rule in one run); every rule and option name known, each entry listed once."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries:
+        raise OptionError(f"strategies '{text}': none given; expected some of {', '.join(RULES)}")
+    for entry in entries:
+        inline_values(entry)
+    repeated = sorted({entry for entry in entries if entries.count(entry) > 1})
     if repeated:
         raise OptionError(f"strategies '{text}': {', '.join(repeated)} listed more than once")
-    return names
+    return entries
 
 
-def settings(names: Sequence[str], values: Mapping[str, object]) -> list[RuleSetting]:
-    """The named rules with their option values (``values`` by key; a key not given keeps its default). Every
-    given value is checked, also those of rules not named: a bad value is a mistake wherever it is."""
+def inline_values(entry: str) -> tuple[Rule, dict[str, str]]:
+    """The rule of one strategy entry and its inline option values (raw text, by option name)."""
+    name, *assignments = entry.split(":")
+    if name not in RULES:
+        raise OptionError(f"strategy '{entry}': unknown {name}; expected one of {', '.join(RULES)}")
+    rule = RULES[name]
+    names = [o.name for o in rule.options]
+    values = {}
+    for assignment in assignments:
+        option, equals, value = assignment.partition("=")
+        if option not in names or not equals:
+            raise OptionError(f"strategy '{entry}': '{assignment}' is not OPTION=VALUE for an option of {name} ({', '.join(names) or 'none'})")
+        values[option] = value
+    return rule, values
+
+
+def settings(entries: Sequence[str], values: Mapping[str, object]) -> list[RuleSetting]:
+    """The strategies with their option values: inline values first, then ``values`` (by key, e.g. from flags),
+    then the defaults. Every given value is checked, also those of rules not selected: a bad value is a mistake
+    wherever it is."""
     keys = option_keys()
     unknown = [key for key in values if key not in keys]
     if unknown:
         raise OptionError(f"unknown rule option '{unknown[0]}': expected one of {', '.join(keys)}")
     parsed = {key: keys[key][1].parse(key, value) for key, value in values.items()}
     chosen = []
-    for name in names:
-        rule = RULES[name]
-        chosen.append(RuleSetting(rule, {o.name: parsed.get(rule.key(o), o.default) for o in rule.options}))
+    for entry in entries:
+        rule, inline = inline_values(entry)
+        own = {o.name: parsed.get(rule.key(o), o.default) for o in rule.options}
+        own.update({o.name: o.parse(f"{entry}: {o.name}", inline[o.name]) for o in rule.options if o.name in inline})
+        chosen.append(RuleSetting(rule, own, entry))
     return chosen
 
 

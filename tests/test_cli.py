@@ -1,10 +1,10 @@
 """Bad input to the headline CLI: one line naming the value, exit code 2, before any model is loaded."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from fl.cli import build_config
 from sims import bio_legal
 
 
@@ -70,3 +70,44 @@ def test_a_federation_too_large_for_this_machines_memory(capsys, no_model_loadin
 
     assert code == 2 and len(err.splitlines()) == 1
     assert "--clients-per-domain 400: 800 clients need about" in err and "clients fit" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--quick", "--local-st", "7"], {"local_steps": 7, "rounds": 2, "train_size": 240}),  # an abbreviation counts as given
+        (["--quick", "--local-steps=9", "--rounds", "3"], {"local_steps": 9, "rounds": 3, "test_size": 160}),
+        (["--local-st", "7"], {"local_steps": 7, "rounds": 4, "train_size": 2000}),
+    ],
+)
+def test_quick_fills_only_the_options_not_given(argv: list[str], expected: dict[str, int]) -> None:
+    config = build_config(bio_legal.parse_args(argv))
+
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--strategies", "fedavg", "--ties-density", "0.3"], "--ties-density is an option of ties, which --strategies fedavg does not select"),
+        (["--strategies", "ties", "--ties-density", "0"], "ties-density 0: expected a number > 0 and <= 1"),
+        (["--strategies", "fedprox", "--fedprox-mu", "nan"], "fedprox-mu nan: expected a number >= 0"),
+        (["--strategies", "fedavg,fedavg"], "fedavg listed more than once"),
+    ],
+)
+def test_bad_rule_options_fail_with_one_line_and_exit_2(argv, needle, capsys, no_model_loading) -> None:
+    code, err = run_cli(argv, capsys)
+
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_rule_options_reach_the_experiment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    seen = {}
+    monkeypatch.setattr("fl.experiment.run_experiment", lambda config, path, data, strategies, *a, **k: seen.update(strategies=strategies))
+    monkeypatch.setattr("fl.baselines.load_data", lambda config: {})
+
+    code = bio_legal.main(["--quick", "--strategies", "ties,aligned", "--ties-dens", "0.4", "--no-aligned-residual", "--out", "/tmp/x"])
+
+    assert code == 0
+    assert [(s.name, dict(s.values)) for s in seen["strategies"]] == [("ties", {"density": 0.4, "lambda": 1.0}), ("aligned", {"residual": False})]

@@ -50,12 +50,13 @@ class FakeReply:
         return self.content is not None
 
 
-def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int) -> FakeReply:
+def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int, **statistics: dict[str, torch.Tensor]) -> FakeReply:
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in state.items()}),
             "metrics": MetricRecord({"train-loss": 1.0, "num-examples": examples}),
             "client": ConfigRecord({"domain": domain, "partition-id": 0}),
+            **{name: ArrayRecord(values) for name, values in statistics.items()},
         }
     )
     return FakeReply(content, node)
@@ -251,3 +252,57 @@ def test_aligned_equals_fedavg_when_clients_are_small_updates_of_the_global_mode
 def test_a_bad_strategy_list_names_the_value(text: str, needle: str) -> None:
     with pytest.raises(OptionError, match=needle):
         parse_names(text)
+
+
+@pytest.mark.parametrize(
+    ("fisher", "needle"),
+    [
+        ({"encoder.w": torch.tensor([1.0, float("nan")])}, "Fisher for 'encoder.w' has non-finite values"),
+        ({"encoder.w": torch.tensor([1.0, -1.0])}, "Fisher for 'encoder.w' has negative values"),
+        ({"encoder.w": torch.ones(3)}, r"Fisher for 'encoder.w' has shape \(3,\), expected \(2,\)"),
+    ],
+)
+def test_a_bad_client_statistic_fails_the_round_in_one_line_naming_the_node(fisher: dict[str, torch.Tensor], needle: str) -> None:
+    strategy = strategy_with_global("fisher", toy_global(), 2)
+    good = reply({"encoder.w": torch.ones(2)}, 5, "bio", 1, fisher={"encoder.w": torch.ones(2)})
+    bad = reply({"encoder.w": torch.ones(2)}, 5, "legal", 2, fisher=fisher)
+
+    with pytest.raises(UpdateError, match=rf"^node 2 \(legal-0\): {needle}") as error:
+        strategy.aggregate_train(1, [good, bad])
+    assert "\n" not in str(error.value)
+
+
+def test_a_rule_with_a_statistic_merges_with_it_and_records_the_bytes_each_client_sent() -> None:
+    strategy = strategy_with_global("fisher", toy_global(), 2)
+    replies = [
+        reply({"encoder.w": torch.tensor([1.0, 1.0])}, 5, "bio", 1, fisher={"encoder.w": torch.tensor([3.0, 1.0])}),
+        reply({"encoder.w": torch.tensor([5.0, 5.0])}, 5, "legal", 2, fisher={"encoder.w": torch.tensor([1.0, 1.0])}),
+    ]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert torch.allclose(arrays.to_torch_state_dict()["encoder.w"], torch.tensor([2.0, 3.0]))  # (3*1 + 1*5) / 4, (1 + 5) / 2
+    sent = [c["bytes-sent"] for c in strategy.client_history[0]["clients"]]
+    assert [set(s) for s in sent] == [{"arrays", "fisher"}] * 2
+    assert all(s["arrays"] >= 8 and s["fisher"] >= 8 for s in sent)  # at least the 2 float32 values of each record
+
+
+def test_replies_are_merged_in_the_order_of_their_clients_not_of_arrival() -> None:
+    a = reply({"encoder.w": torch.tensor([0.1, 0.2])}, 3, "bio", 1)
+    b = reply({"encoder.w": torch.tensor([0.3, 0.7])}, 7, "legal", 2)
+
+    first, _ = strategy_with_global("ties", toy_global(), 2).aggregate_train(1, [a, b])
+    second, _ = strategy_with_global("ties", toy_global(), 2).aggregate_train(1, [b, a])
+
+    assert torch.equal(first.to_torch_state_dict()["encoder.w"], second.to_torch_state_dict()["encoder.w"])
+
+
+def test_the_train_config_tells_clients_what_the_rule_needs() -> None:
+    strategy = make_strategy(rule("regmean", **{"regmean-batches": 3}), 1, False)
+    strategy._construct_messages = lambda record, nodes, kind: [record]  # Flower's Messages need a running app
+    config = ConfigRecord({"local-steps": 2})
+
+    (record,) = strategy.configure_train(1, ArrayRecord(toy_global()), config, FakeGrid([7]))
+
+    sent = record["config"]
+    assert (sent["statistic"], sent["statistic-batches"], sent["local-steps"]) == ("gram", 3, 2)

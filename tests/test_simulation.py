@@ -4,11 +4,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
 from fl.config import RunConfig
 from fl.rounds import CentralEvaluator
 from fl.simulation import SimulationFailed, run_strategy
+from strategies.rules import settings
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +54,19 @@ def test_a_client_that_raises_fails_the_run_with_its_error(tiny_run) -> None:
 
     with pytest.raises(SimulationFailed, match="missing.csv"):
         run_strategy(broken, FEDAVG, start, evaluator)
+
+
+@pytest.mark.parametrize(("rule", "statistic"), [("fisher", "fisher"), ("regmean", "gram")])
+def test_rules_with_client_statistics_run_two_clients_two_rounds(tiny_run, rule: str, statistic: str) -> None:
+    config, bench, start, base_scores = tiny_run
+    (setting,) = settings([rule], {f"{rule}-batches": 1})
+    evaluator = CentralEvaluator(bench.model, bench.test_sets, rule, initial_scores=base_scores)
+
+    outcome = run_strategy(replace(config, client_eval=False), setting, start, evaluator)
+
+    assert sorted(evaluator.history) == [0, 1, 2]
+    sent = [c["bytes-sent"] for h in outcome.client_history for c in h["clients"]]
+    assert len(sent) == 4 and all(s[statistic] > 0 and s["arrays"] > 0 for s in sent)
+    key = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert (outcome.final_state[key] - start[key]).abs().max() > 0
+    assert all(bool(torch.isfinite(v).all()) for v in outcome.final_state.values() if v.is_floating_point())
