@@ -1,5 +1,6 @@
 """Benchmark: weighted mean of N client states held as Flower ArrayRecords, fedmerge's StreamingMean vs Flower's
-``strategy_utils.aggregate_arrayrecords``, against this machine's streaming memory bandwidth.
+``strategy_utils.aggregate_arrayrecords``, against this machine's streaming memory bandwidth; and every merge rule
+of ``strategies.rules`` on the same replies, next to FedAvg, with the bytes a client uploads for it.
 
 Clients are a randomly initialised BERT state (built once from a config) plus per-client noise, each wrapped as the
 server holds a reply: RecordDict({"arrays": ArrayRecord, "metrics": MetricRecord({"num-examples": n})}).
@@ -8,10 +9,14 @@ Three ways to average them are timed on the same records:
   ours         zero-copy views of the .npy bytes (strategies.records) -> StreamingMean -> ArrayRecord(keep_input=False),
                what the strategy does (same input and output as flower)
   ours-kernel  zero-copy views of each Array's .npy bytes -> StreamingMean -> dict (the arithmetic alone)
+Each rule merges as the server does (``strategies.flower.RuleStrategy``): views of every reply -> ``Rule.merge``
+(checks included) -> ArrayRecord(keep_input=False). Clients that send statistics all send the same Fisher (squared
+noise for every float weight but the word embeddings, frozen by default) and the same Grams (the mean x x^T of
+random inputs, one per linear layer): what merging costs does not depend on their values.
 Peak extra memory is peak RSS during the call (VmHWM, reset through /proc/self/clear_refs) minus RSS before it,
 after gc and malloc_trim: torch allocations are invisible to tracemalloc.
 
-    python bench/aggregate.py [--small] [--out FILE]
+    python bench/aggregate.py [--small] [--rules fedavg,ties,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from emit import emit_json
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
 from transformers import BertConfig, BertModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from strategies.aggregation import weighted_mean  # noqa: E402
-from strategies.records import record_views  # noqa: E402
+from strategies.aggregation import weighted_mean
+from strategies.records import record_views
+from strategies.rules import RULES, RuleSetting, settings
+from strategies.update import ClientUpdate, MergeContext
 
 MODELS = {
     "minilm-l6": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
@@ -45,6 +52,7 @@ MODELS = {
 CLIENT_COUNTS = (2, 8, 32)
 RSS_LIMIT = 12e9  # bytes; the machine is shared, so a case that would need more is skipped
 REPEATS = 3  # best-of for times, worst-of for memory
+SLOW_S = 5.0  # a rule whose first merge takes longer is timed once
 STREAM_ELEMENTS = 64 * 2**20  # 256 MB per float32 operand: far beyond any cache
 GB = 1e9
 MB = 2**20
@@ -87,10 +95,10 @@ class Streaming:
         torch.add(torch.from_numpy(self.a), torch.from_numpy(self.b), out=torch.from_numpy(self.c))
 
 
-def client_records(config: BertConfig, count: int) -> tuple[list[RecordDict], int]:
-    """``count`` replies (base state + noise of std 0.01, distinct num-examples) and the model's float32 bytes."""
+def client_records(config: BertConfig, count: int) -> tuple[list[RecordDict], int, dict[str, torch.Tensor]]:
+    """``count`` replies (base state + noise of std 0.01, distinct num-examples), the model's float32 bytes, the base."""
     torch.manual_seed(0)
-    base = BertModel(config).state_dict()
+    base = {f"encoder.{k}": v for k, v in BertModel(config).state_dict().items()}  # keyed as the server's states are
     records = []
     for i in range(count):
         generator = torch.Generator().manual_seed(i + 1)
@@ -98,7 +106,61 @@ def client_records(config: BertConfig, count: int) -> tuple[list[RecordDict], in
         metrics = MetricRecord({"num-examples": 100 + 37 * i})
         records.append(RecordDict({"arrays": ArrayRecord(noisy), "metrics": metrics}))
         del noisy
-    return records, sum(v.nbytes for v in base.values())
+    return records, sum(v.nbytes for v in base.values()), base
+
+
+def statistics_records(config: BertConfig, base: dict[str, torch.Tensor]) -> dict[str, ArrayRecord]:
+    """The Fisher and the Grams every client sends in the rule cases (see the module docstring)."""
+    generator = torch.Generator().manual_seed(1)
+    fisher = {k: 1e-5 * torch.rand(v.shape, generator=generator) ** 2 for k, v in base.items() if v.is_floating_point() and "word_embeddings" not in k}
+    grams = {}
+    for name, module in BertModel(config).named_modules():
+        if isinstance(module, nn.Linear):
+            x = torch.randn(module.in_features + 16, module.in_features, generator=generator)
+            grams[f"encoder.{name}.weight"] = x.T @ x / len(x)
+    return {"fisher": ArrayRecord(fisher), "gram": ArrayRecord(grams)}
+
+
+def merge_with(setting: RuleSetting, base: dict[str, torch.Tensor], records: list[RecordDict], num_heads: int) -> ArrayRecord:
+    """What the server does with a round's replies for ``setting``'s rule."""
+    statistic = setting.rule.statistic
+    updates = [
+        ClientUpdate(f"client {i}", f"c{i}", record_views(r["arrays"]), float(r["metrics"]["num-examples"]),
+                     record_views(r[statistic.name]) if statistic else {})
+        for i, r in enumerate(records)
+    ]
+    merged = dict(base)
+    merged.update(setting.merge(base, updates, MergeContext(num_heads=num_heads)))
+    return ArrayRecord(merged, keep_input=False)
+
+
+def upload_bytes(record: RecordDict, stats: dict[str, ArrayRecord]) -> dict[str, int]:
+    """Bytes one client sends per round: its weights, and the statistic of each rule that needs one."""
+    sizes = {"weights": sum(len(a.data) for a in record["arrays"].values())}
+    sizes.update({name: sum(len(a.data) for a in values.values()) for name, values in stats.items()})
+    return sizes
+
+
+def rule_cases(
+    config: BertConfig, records: list[RecordDict], base: dict[str, torch.Tensor], model_bytes: int, stats: dict[str, ArrayRecord], rules: list[str]
+) -> dict[str, object]:
+    """Per rule: best time and worst peak extra memory of a server merge, and both relative to FedAvg's."""
+    with_stats = [RecordDict({**{k: r[k] for k in ("arrays", "metrics")}, **stats}) for r in records]
+    found: dict[str, dict[str, float]] = {}
+    for setting in settings(rules, {}):
+        times, peaks = [], []
+        for _ in range(REPEATS):
+            seconds, peak_mb = measure(lambda: merge_with(setting, base, with_stats, config.num_attention_heads))
+            times.append(seconds)
+            peaks.append(peak_mb)
+            if seconds > SLOW_S:
+                break
+        found[setting.name] = {"time_s": round(min(times), 4), "peak_extra_model_copies": round(max(peaks) * MB / model_bytes, 2), "runs": len(times)}
+    if "fedavg" in found:
+        for entry in found.values():
+            entry["over_fedavg_time"] = round(entry["time_s"] / found["fedavg"]["time_s"], 2)
+            entry["extra_copies_over_fedavg"] = round(entry["peak_extra_model_copies"] - found["fedavg"]["peak_extra_model_copies"], 2)
+    return {"rules": found, "upload_bytes_per_client": upload_bytes(records[0], stats)}
 
 
 def flower(records: list[RecordDict]) -> ArrayRecord:
@@ -164,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="only the smallest case (smoke test)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--rules", default=",".join(r for r in RULES if r != "fedprox"),
+                        help="rules to time next to fedavg ('' for none; fedprox merges exactly as fedavg)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 because numpy (Flower's helper) uses "
                         "one, and torch's thread pool stalls when others share this 2-core machine")
     args = parser.parse_args()
@@ -177,6 +241,9 @@ def main() -> None:
                          "after gc.collect and malloc_trim; the call's result is still alive when the peak is read",
     }
     streaming = Streaming()
+    rules = [r for r in args.rules.split(",") if r]
+    if rules and "fedavg" not in rules:
+        rules.insert(0, "fedavg")
     cases: list[dict[str, object]] = []
     models = list(MODELS.items())[:1] if args.small else list(MODELS.items())
     for model, config in models:
@@ -189,9 +256,13 @@ def main() -> None:
                               f"({n} client records + base + 2 working copies of {estimate / MB:.0f} MiB) > {RSS_LIMIT / GB:.0f} GB"})
         if not runnable:
             continue
-        records, model_bytes = client_records(config, max(runnable))
+        records, model_bytes, base = client_records(config, max(runnable))
+        stats = statistics_records(config, base)
         for n in runnable:
-            cases.append(run_case(model, records[:n], model_bytes, streaming))
+            case = run_case(model, records[:n], model_bytes, streaming)
+            if rules:
+                case.update(rule_cases(config, records[:n], base, model_bytes, stats, rules))
+            cases.append(case)
         del records
     report["cases"] = sorted(cases, key=lambda c: (list(MODELS).index(c["model"]), c["clients"]))
     report["loadavg_at_end"] = os.getloadavg()

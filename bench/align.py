@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -27,9 +26,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from strategies.permutation import (  # noqa: E402  (needs the repository root on the path)
+from strategies.permutation import (
     PermutationSpec,
     apply_permutation,
     match_weights,

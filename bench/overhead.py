@@ -3,7 +3,7 @@
 The same total training (model, data, partitions, optimizer steps and seeds of ``fl.client_app``) plus the same
 central evaluation after every round is run three ways, from one start state (``make_workbench`` + ``fit_base``):
 
-  flower           ``fl.simulation.run_strategy(config, "fedavg", ...)``: Ray actors, 1 CPU (1 torch thread) per
+  flower           ``fl.simulation.run_strategy(config, FEDAVG, ...)``: Ray actors, 1 CPU (1 torch thread) per
                    client, clients in parallel; the server evaluates with ``CentralEvaluator``.
   bare-parallel    one spawned process per client with 1 torch thread, all in parallel (the CPUs Flower grants),
                    weights passed through torch.multiprocessing queues: the same work and parallelism, no Flower.
@@ -43,13 +43,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # Ray workers
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from fl.baselines import Workbench, fit_base, load_data, make_workbench  # noqa: E402
+from fl.baselines import FEDAVG, Workbench, fit_base, load_data, make_workbench  # noqa: E402
 from fl.cli import QUICK  # noqa: E402
 from fl.client_app import ClientRole, client_data, client_role, head_sizes  # noqa: E402
 from fl.config import RunConfig  # noqa: E402
@@ -220,7 +218,7 @@ def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], ev
     config = bench.config
     tick_wall, tick = time.time(), time.perf_counter()
     import fl.simulation
-    from fl.server_app import CentralEvaluator
+    from fl.rounds import CentralEvaluator
 
     import_s = time.perf_counter() - tick
     calls: list[tuple[int, float, float]] = []
@@ -235,7 +233,7 @@ def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], ev
     evaluator = TimedEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)  # type: ignore[arg-type]
     fl.simulation.make_client_app = timed_client_app  # instrumentation only: the wrapper calls the project's app
     torch.set_num_threads(eval_threads)
-    outcome = fl.simulation.run_strategy(config, "fedavg", start, evaluator)
+    outcome = fl.simulation.run_strategy(config, FEDAVG, start, evaluator)
     end_wall = time.time()
     total = time.perf_counter() - tick
 

@@ -146,8 +146,6 @@ def child(clients: int, rounds: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    sys.path.insert(0, str(ROOT))
     from fl.capacity import CapacityError, check_fits
     from fl.config import RunConfig
     from fl.model import resolve_model
@@ -170,8 +168,8 @@ def child(clients: int, rounds: int) -> int:
 
     import torch
 
-    from fl.baselines import load_data, make_workbench
-    from fl.server_app import CentralEvaluator
+    from fl.baselines import FEDAVG, load_data, make_workbench
+    from fl.rounds import CentralEvaluator
     from fl.simulation import run_strategy
 
     torch.set_num_threads(1)
@@ -189,7 +187,7 @@ def child(clients: int, rounds: int) -> int:
             return result
 
     tick = time.perf_counter()
-    outcome = run_strategy(config, "fedavg", start, TimedEvaluator(bench.model, bench.test_sets, "scale"))
+    outcome = run_strategy(config, FEDAVG, start, TimedEvaluator(bench.model, bench.test_sets, "scale"))
     total = time.perf_counter() - tick
     ends = {r: e for r, _, e in calls}
     round_s = [round(begin - ends[r - 1], 2) for r, begin, _ in calls if r > 0]

@@ -9,11 +9,13 @@ against inputs that are nearly collinear on one client. With every G_i the ident
 Biases, LayerNorms, embeddings and heads are averaged with the clients' example weights.
 
 One pass over the clients: per layer the server keeps sum w G (in x in) and sum w G W^T (in x out), then
-solves once per layer in float64; a singular system (an input feature that is zero on every client) gets a
-ridge of 1e-9 of its mean diagonal.
+solves once per layer in float64 (Cholesky); a singular system (an input feature that is zero on every client)
+gets a ridge of 1e-9 of its mean diagonal towards the clients' mean weights.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -49,8 +51,16 @@ def regmean(global_state: State, clients: Clients, context: MergeContext, *, alp
         if rest:
             plain.add(rest, client.weight)
     merged = plain.result() if plain.num_states else {}
-    merged.update({key: solve(grams[key], products[key]).T.to(dtypes[key]).contiguous() for key in grams})
+    for key in grams:
+        solution = solve(grams[key], products[key], lambda key=key: mean_of(clients, key))
+        merged[key] = solution.T.to(dtypes[key]).contiguous()
     return merged
+
+
+def mean_of(clients: Clients, key: str) -> torch.Tensor:
+    """The clients' weighted mean of one weight, in float64."""
+    total = sum(c.weight for c in clients if key in c.state)
+    return sum(c.weight * c.state[key].double() for c in clients if key in c.state) / total
 
 
 def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -60,14 +70,18 @@ def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def solve(gram: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
-    """gram^-1 @ product in float64, with a tiny ridge only when gram is singular."""
+def solve(gram: torch.Tensor, product: torch.Tensor, mean: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """gram^-1 @ product in float64 by Cholesky (a sum of shrunk Grams is symmetric positive semi-definite; 25-30%
+    faster than LU here). When gram is singular (an input feature no client's data ever sets), a tiny ridge pulls
+    the solution towards the clients' weighted mean (out x in, computed only then): the unseen feature's weights
+    become their mean, every other feature's move by about the ridge."""
     a, b = gram.double(), product.double()
-    solution, info = torch.linalg.solve_ex(a, b)
+    factor, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         ridge = RIDGE * float(a.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny))
-        solution = torch.linalg.solve(a + ridge * torch.eye(len(a), dtype=a.dtype), b)
-    return solution.float()
+        factor = torch.linalg.cholesky(a + ridge * torch.eye(len(a), dtype=a.dtype))
+        b = b + ridge * mean().T
+    return torch.cholesky_solve(b, factor).float()
 
 
 def check_grams(state: State, grams: State, client: str) -> None:

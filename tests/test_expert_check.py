@@ -1,7 +1,6 @@
 """sims/expert_check.py: experts across training seeds, on a tiny random model and toy CSVs."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """sims/expert_sweep.py: a grid of settings x training seeds, on a tiny random model and toy CSVs."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """Tests for fl.interpolation and sims/barrier.py: exact end points, zero aligned barrier for a permuted twin."""
 
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -72,3 +72,12 @@ def test_alpha_zero_keeps_only_the_diagonal_a_per_input_weighted_mean() -> None:
 def test_a_bad_gram_is_refused_naming_the_client(gram: torch.Tensor, needle: str) -> None:
     with pytest.raises(UpdateError, match=f"^node 5: Gram for 'd.weight' .*{needle}"):
         check_grams({"d.weight": torch.zeros(4, 2)}, {"d.weight": gram}, "node 5")
+
+
+def test_an_input_feature_no_client_ever_sees_does_not_break_the_solve() -> None:
+    gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # feature 1 is always zero: the summed Gram is singular
+    updates = [ClientUpdate(f"node {i}", f"c{i}", {"d.weight": torch.full((1, 2), float(i))}, 1.0, {"d.weight": gram}) for i in range(2)]
+
+    merged = regmean({"d.weight": torch.zeros(1, 2)}, updates, MergeContext(), alpha=1.0)
+
+    assert torch.allclose(merged["d.weight"], torch.tensor([[0.5, 0.5]]), atol=1e-6)  # the unseen feature: the mean
