@@ -6,7 +6,9 @@ round on the previous round's replies are still alive while the new ones arrive 
 keeps them in a local variable until the next ``send_and_receive`` returns): two replies per client. The Ray
 actors (one per granted CPU share) each hold the libraries, a model with its gradients and AdamW state, and
 what their allocator keeps of the models rebuilt for every message. Past what the machine has, the kernel
-kills a process or Ray's memory monitor kills an actor mid-round. The constants were fitted, with margin, to
+kills a process or Ray's memory monitor kills an actor mid-round. A rule whose clients send statistics makes
+each reply larger by them (a Fisher: one float per weight; Grams: in x in floats per linear layer), computed
+from the model's config like the weights. The constants were fitted, with margin, to
 the peak memory (PSS) of the whole process tree measured by ``bench/scale.py`` (MiniLM-L6, 2 actors; the
 estimate exceeds every measured peak by 0.5-1 GiB; see bench/README.md).
 """
@@ -51,14 +53,21 @@ class MemoryEstimate:
         )
 
 
-def model_bytes(model_path: str) -> int:
-    """Float32 bytes of the encoder's weights, from its config alone (no weight file read, no memory used)."""
+def model_bytes(model_path: str, statistic: str = "") -> int:
+    """Float32 bytes of the encoder's weights plus the statistic a client sends with them ('fisher', 'gram' or
+    none), from the config alone (no weight file read, no memory used)."""
     import torch
+    from torch import nn
     from transformers import AutoConfig, AutoModel
 
     with torch.device("meta"):
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
-    return sum(4 * p.numel() for p in encoder.parameters())
+    weights = sum(4 * p.numel() for p in encoder.parameters())
+    if statistic == "fisher":
+        return 2 * weights
+    if statistic == "gram":
+        return weights + sum(4 * m.in_features**2 for m in encoder.modules() if isinstance(m, nn.Linear))
+    return weights
 
 
 def available_memory() -> int:
@@ -80,13 +89,17 @@ def estimate_peak(replies: int, num_actors: int, model: int) -> int:
     return int(FIXED_BYTES + actors + replies * REPLY_MODEL_COPIES * model)
 
 
-def check_fits(config: RunConfig, model_path: str | None = None, available: int | None = None) -> MemoryEstimate:
+def check_fits(
+    config: RunConfig, model_path: str | None = None, available: int | None = None, statistics: tuple[str, ...] = ()
+) -> MemoryEstimate:
     """Estimate the simulation's peak memory; raise CapacityError (one line) if it exceeds the headroom.
 
     Call it before loading data or weights (``model_path`` defaults to ``config.model``); ``available``
-    defaults to what the machine has now.
+    defaults to what the machine has now; ``statistics`` are those the run's rules ask clients for (the
+    largest reply counts).
     """
-    model = model_bytes(model_path or resolve_model(config.model))
+    path = model_path or resolve_model(config.model)
+    model = max(model_bytes(path, statistic) for statistic in ("", *statistics))
     free = available_memory() if available is None else available
     cores = os.cpu_count() or 1
     actors = min(config.num_clients, cores)  # fl.simulation grants each client cores // min(clients, cores) CPUs

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         strategies = rule_settings(args)
         model_path = check_model(config.model)
-        check_fits(config, str(model_path))  # too many clients for this machine's memory: refuse now, not mid-round
+        statistics = tuple(s.rule.statistic.name for s in strategies if s.rule.statistic)
+        check_fits(config, str(model_path), statistics=statistics)  # too many clients for this machine: refuse now
         data = load_data(config)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

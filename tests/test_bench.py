@@ -87,3 +87,16 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
         check_fits(config, str(default_model_path()), available=16 * 2**30)
     assert "\n" not in str(error.value)
     assert check_fits(replace(config, clients_per_domain=1), str(default_model_path()), available=16 * 2**30).num_clients == 2
+
+
+def test_replies_that_carry_statistics_are_counted_larger() -> None:
+    from fl.capacity import check_fits, model_bytes
+    from fl.config import RunConfig
+    from fl.model import default_model_path
+
+    path = str(default_model_path())
+    weights, fisher, gram = (model_bytes(path, s) for s in ("", "fisher", "gram"))
+
+    assert fisher == 2 * weights and weights < gram < 2 * weights  # MiniLM: Grams are about 0.8 of the weights
+    plain = check_fits(RunConfig(), path, available=16 * 2**30)
+    assert check_fits(RunConfig(), path, available=16 * 2**30, statistics=("gram", "fisher")).model_bytes == fisher > plain.model_bytes
