@@ -44,9 +44,12 @@ def one_shot_name(rule: str) -> str:
 
 
 def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> list[tuple[str, str]]:
-    """Each rule's federated run against FedAvg's (when both ran), each one-shot merge against the average."""
+    """Each rule's federated run against FedAvg's (when both ran), each one-shot merge against the average, and
+    FedAvg's rounds against one average of the two experts (does federating lose anything?)."""
     pairs = [(name, "fedavg") for name in strategies if name != "fedavg" and "fedavg" in strategies]
     pairs += [(row, "one-shot-average") for row in one_shots if row != "one-shot-average"]
+    if "fedavg" in strategies:
+        pairs.append(("fedavg", "one-shot-average"))
     return pairs
 
 

@@ -142,7 +142,7 @@ def markdown(
     ]
     lines += [f"| {e.claim} | {_fmt(e.difference)} | {'yes' if e.holds else 'no'} |" for e in found]
     if compared:
-        lines += ["", "| against FedAvg | difference (points) [paired 95% interval] | beyond noise |", "|---|---|---|"]
+        lines += ["", "| against FedAvg / the one-shot average | difference (points) [paired 95% interval] | beyond noise |", "|---|---|---|"]
         lines += [f"| {e.claim} | {_fmt(e.difference)} | {e.verdict} |" for e in compared]
     return "\n".join(lines) + "\n"
 
