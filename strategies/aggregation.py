@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -156,10 +156,3 @@ def weighted_mean(states: Iterable[tuple[Mapping[str, Value], float]]) -> dict[s
         mean.add(state, weight)
         del state  # else the loop holds this state while the generator decodes the next: two client copies
     return mean.result()
-
-
-def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """FedAvg over lists: ``weights[i]`` is the number of examples client ``i`` trained on."""
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    return weighted_mean(zip(states, weights))

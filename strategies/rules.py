@@ -32,6 +32,8 @@ OptionValue = float | int | bool
 
 @dataclass(frozen=True)
 class Rule:
+    """A merge rule: its function and the declaration everything else is made from."""
+
     name: str
     function: Callable[..., dict[str, torch.Tensor]]
     summary: str  # what the server does, one line
@@ -45,9 +47,6 @@ class Rule:
 
     def key(self, option: Option) -> str:
         return f"{self.name}-{option.name}"
-
-    def defaults(self) -> dict[str, OptionValue]:
-        return {option.name: option.default for option in self.options}
 
     def merge(
         self, global_state: State, clients: Clients, context: MergeContext, values: Mapping[str, OptionValue]

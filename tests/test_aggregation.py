@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from strategies.aggregation import StreamingMean, UpdateError, as_tensors, check_update, fedavg, weighted_mean
+from strategies.aggregation import StreamingMean, UpdateError, as_tensors, check_update, weighted_mean
 
 TINY_BERT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 
@@ -25,11 +25,11 @@ def head(value: float) -> dict[str, torch.Tensor]:
     return {"weight": torch.full((2, 4), value), "bias": torch.full((2,), -value)}
 
 
-def test_fedavg_equals_hand_computed_weighted_mean():
+def test_weighted_mean_equals_hand_computed_fedavg():
     a = {"encoder.w": torch.tensor([1.0, 2.0]), "encoder.b": torch.tensor([0.0])}
     b = {"encoder.w": torch.tensor([3.0, 6.0]), "encoder.b": torch.tensor([4.0])}
 
-    merged = fedavg([a, b], [1, 3])
+    merged = weighted_mean([(a, 1), (b, 3)])
 
     # w: (1*1 + 3*3)/4 = 2.5, (1*2 + 3*6)/4 = 5.0;  b: (1*0 + 3*4)/4 = 3.0
     assert torch.equal(merged["encoder.w"], torch.tensor([2.5, 5.0]))
@@ -97,7 +97,7 @@ def test_low_precision_inputs_come_back_in_their_dtype():
     a = {"encoder.w": torch.tensor([1.0, 3.0], dtype=torch.float16)}
     b = {"encoder.w": torch.tensor([2.0, 5.0], dtype=torch.float16)}
 
-    merged = fedavg([a, b], [1, 1])
+    merged = weighted_mean([(a, 1), (b, 1)])
 
     assert merged["encoder.w"].dtype == torch.float16
     assert torch.equal(merged["encoder.w"], torch.tensor([1.5, 4.0], dtype=torch.float16))
