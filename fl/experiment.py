@@ -18,7 +18,7 @@ from fl.data import DomainData
 from fl.model import num_attention_heads, save_merged
 from fl.permuted_init import client_seed, permuted_copy
 from fl.phases import PhaseClock
-from fl.report import effects, markdown, plot_curves, table_row, versus, write_json
+from fl.report import effects, effects_json, markdown, plot_curves, table_row, versus, write_json
 from fl.rounds import CentralEvaluator, StrategyOutcome
 from fl.simulation import run_strategy
 from strategies.rules import RuleSetting
@@ -37,10 +37,6 @@ def start_of_client(config: RunConfig, start: dict[str, torch.Tensor], client_in
     if config.init == "permuted":
         return permuted_copy(start, num_attention_heads(config.model), client_seed(config.seed, client_index))
     return start
-
-
-def one_shot_name(rule: str) -> str:
-    return f"one-shot-{rule}"
 
 
 def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> list[tuple[str, str]]:
@@ -87,7 +83,7 @@ def run_experiment(
         multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
         models["multi-task"] = bench.score(multitask)
     one_shots = {"one-shot-average": FEDAVG}
-    one_shots.update({one_shot_name(s.name): s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
+    one_shots.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
     for row, setting in one_shots.items():
         with clock.phase(f"{row} of the experts"):
             models[row] = bench.score(one_shot(bench, setting, start, experts, config.seed))
@@ -141,7 +137,7 @@ def run_experiment(
         "table": [
             {"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows
         ],
-        "effects": [{"claim": e.claim, "difference": e.difference, "holds": e.holds} for e in found],
+        "effects": effects_json(found),
         "against-fedavg": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
         "wall-seconds": clock.seconds,
     }
