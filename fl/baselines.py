@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fl.batches import Encoded, encode
 from fl.config import RunConfig
-from fl.data import DomainData, load_domain
+from fl.data import DataError, DomainData, load_domain
 from fl.evaluation import Score, evaluate, pooled_features
 from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer, num_attention_heads
 from fl.probe import fit_probe
@@ -58,7 +58,8 @@ class Workbench:
 
 
 def load_data(config: RunConfig) -> dict[str, DomainData]:
-    return {
+    """Each domain's train and test sets; a --train-size below its number of labels is refused."""
+    data = {
         name: load_domain(
             name,
             source,
@@ -67,9 +68,18 @@ def load_data(config: RunConfig) -> dict[str, DomainData]:
             seed=config.seed,
             text_column=config.text_column,
             label_column=config.label_column,
+            group_column=config.group_column,
         )
         for name, source in config.domain_sources.items()
     }
+    for name, domain in data.items():  # a smaller test set is only a coarser measurement; a smaller training set
+        # leaves labels that no client and no probe has seen
+        if config.train_size < domain.num_labels:
+            raise DataError(
+                f"--train-size {config.train_size}: domain {name} has {domain.num_labels} labels; expected at least "
+                f"{domain.num_labels} (one example per label)"
+            )
+    return data
 
 
 def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainData]) -> Workbench:

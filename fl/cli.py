@@ -45,6 +45,7 @@ def run_options(description: str) -> argparse.ArgumentParser:
     option("--legal-data", "'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
     option("--text-column")
     option("--label-column")
+    option("--group-column", "rows sharing its value stay on one side of the train/test split (.csv/.jsonl/hf: data)")
     option("--train-size", "training examples per domain", type=int)
     option("--test-size", "test examples per domain", type=int)
     option("--max-length", "tokens per example", type=int)
@@ -53,6 +54,12 @@ def run_options(description: str) -> argparse.ArgumentParser:
     option("--head-lr", type=float)
     option("--lr-schedule", "linear (10% warm-up, decay to 0 each round) or constant")
     option("--init", "shared, or permuted: each client starts from its own permutation of the base")
+    option(
+        "--attack",
+        "simulated attackers, a measurement tool: scale:F:COUNT (send global + F*update), sign-flip[:F]:COUNT "
+        "(global - F*update), noise:SIGMA:COUNT (trained + Gaussian noise), label-flip:COUNT (train on deranged labels); "
+        "COUNT clients drawn with --seed attack, results.json names them",
+    )
     option("--seed", type=int)
     p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
     return p

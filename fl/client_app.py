@@ -6,7 +6,8 @@ may name them (``domain="bio" partition-id=0 num-partitions=1``). It trains the 
 head, and sends back exactly those weights, plus the statistic the server's merge rule asks for in the train
 config (``statistic``: a diagonal Fisher or the Gram matrices of layer inputs, ``fl.statistics``). Asked by a
 ``query`` message, it tells its domain and its label names, so a server that holds no text can still build
-the heads.
+the heads. With ``attack`` in the run config, the clients it names poison their training replies (``fl.attacks``:
+a measurement tool, the server is not told who they are).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl.attacks import flipped_labels, poison
 from fl.batches import Encoded, encode
 from fl.config import ConfigError, RunConfig, split_run_config
 from fl.data import DomainData, load_domain, partition
@@ -81,6 +83,16 @@ def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, 
     )
 
 
+@lru_cache(maxsize=4)
+def training_set(config: RunConfig, role: ClientRole) -> Encoded:
+    """The examples this client trains on: its partition, with deranged labels if --attack made it a label flipper."""
+    train_data, _, num_labels = client_data(config, role)
+    attack = config.attack_of(role.domain, role.partition_id)
+    if attack is not None and attack.kind == "label-flip":
+        return replace(train_data, labels=flipped_labels(train_data.labels, num_labels, config.seed))
+    return train_data
+
+
 def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {k.split(".")[1]: int(v.shape[0]) for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight")}
 
@@ -137,10 +149,13 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
         seed = cfg.seed + 1000 * server_round + 17 * role.partition_id + 7919 * cfg.domains.index(role.domain)
         settings = cfg.train_settings(proximal_mu=mu)
-        report = train(model, [(role.domain, train_data)], settings, seed, progress)
+        attack = cfg.attack_of(role.domain, role.partition_id)  # None for an honest client; --attack is a measurement tool
+        received = client_state(model, role.domain) if attack else {}
+        report = train(model, [(role.domain, training_set(cfg, role))], settings, seed, progress)
+        trained = client_state(model, role.domain)
         content = RecordDict(
             {
-                "arrays": ArrayRecord(client_state(model, role.domain)),
+                "arrays": ArrayRecord(poison(attack, received, trained, seed) if attack else trained),
                 "metrics": MetricRecord({"train-loss": report.mean_loss, "num-examples": report.num_examples}),
                 "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
             }

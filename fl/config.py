@@ -5,9 +5,11 @@ Python names are snake_case; the same options are kebab-case in Flower records a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
+from fl.attacks import AttackSpec, client_name, draw_attackers, parse_attack
 from fl.training import SCHEDULES, TrainSettings
 from strategies.options import OptionError, parse_bool
 from strategies.rules import option_keys
@@ -28,6 +30,7 @@ class RunConfig:
     legal_data: str = "licenses"  # 'licenses', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
     text_column: str = "text"
     label_column: str = "label"
+    group_column: str = ""  # rows sharing a value stay on one side of the train/test split (chunks of one document); '' = none
     train_size: int = 2000  # per domain; a linear probe is already strong at this size
     test_size: int = 1000  # per domain; one standard error about 1.3 points
     max_length: int = 32  # HPO texts average ~24 words; licences are told apart by their opening words; half the cost of 64
@@ -45,6 +48,7 @@ class RunConfig:
     server_data: bool = True  # false: the server holds no text (a deployment): no baselines, clients score themselves
     reply_timeout: float = 3600.0  # seconds the server waits for a round's replies, or for a lost node to come back
     on_node_loss: str = "fail"  # a node that drops mid-run: 'fail' the run naming it, or 'continue' with the rest
+    attack: str = ""  # 'KIND:...:COUNT' clients send poisoned updates, to measure a rule's robustness (fl.attacks); '' = none
     seed: int = 0
 
     @property
@@ -70,6 +74,17 @@ class RunConfig:
             schedule=self.lr_schedule,
         )
 
+    def attackers(self) -> list[str]:
+        """The clients that --attack makes poison their updates ("<domain>-<partition>"), drawn with the seed."""
+        names = [client_name(d, p) for d in self.domains for p in range(self.clients_per_domain)]
+        return draw_attackers(self.attack, names, self.seed)
+
+    def attack_of(self, domain: str, partition_id: int) -> AttackSpec | None:
+        """This client's attack, or None when it is honest."""
+        if client_name(domain, partition_id) not in self.attackers():
+            return None
+        return parse_attack(self.attack, self.num_clients)
+
     def client_domain(self, partition_id: int) -> tuple[str, int]:
         """Which domain and which of its partitions a simulated client serves."""
         if not 0 <= partition_id < self.num_clients:
@@ -81,17 +96,23 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed}: expected an integer >= 0")
         for name in ["lr", "head_lr"]:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a number > 0")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a finite number > 0")
         if self.init not in INITS:
             raise ConfigError(f"--init {self.init}: expected one of {', '.join(INITS)}")
-        if not self.reply_timeout > 0:
-            raise ConfigError(f"--reply-timeout {self.reply_timeout}: expected a number of seconds > 0")
+        if not (math.isfinite(self.reply_timeout) and self.reply_timeout > 0):
+            raise ConfigError(f"--reply-timeout {self.reply_timeout}: expected a finite number of seconds > 0")
         if self.on_node_loss not in NODE_LOSS:
             raise ConfigError(f"--on-node-loss {self.on_node_loss}: expected one of {', '.join(NODE_LOSS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
+        try:
+            parse_attack(self.attack, self.num_clients)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return self
 
     def to_record(self) -> dict[str, str | int | float | bool]:
@@ -112,7 +133,7 @@ class RunConfig:
         return replace(cls(), **values).validate()
 
 
-APP_OPTIONS = ("strategies", "out")  # run-config keys of the Flower app (pyproject.toml) that are not RunConfig fields
+APP_OPTIONS = ("strategies", "out", "resume", "overwrite")  # run-config keys of the Flower app (pyproject.toml) that are not RunConfig fields
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,21 @@ installed package folder:
 
 User data enters through the same ``LabeledTexts`` value: a local ``.csv`` / ``.jsonl`` / ``.json`` file,
 or ``hf:<dataset id or folder>[@split]`` through ``datasets.load_dataset``. Bad user data raises
-``DataError`` with a one-line message; a file's extension and existence are checked before ``datasets``
-is even imported.
+``DataError`` with a one-line message; a file's extension, existence, encoding (UTF-8) and shape (a CSV
+header and rows; one JSON object per line; a JSON list of records) are checked before ``datasets`` reads
+it. Bad rows are dropped with one counted warning: an empty text, a missing label or group, and the
+examples of a label that has a single one (too few to be both trained on and tested).
 
 Non-IID client partitions follow the per-label Dirichlet recipe of Hsu, Qi and Brown, "Measuring the
 Effects of Non-Identical Data Distribution for Federated Visual Classification" (2019).
 """
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
+import io
+import json
 import logging
 import math
 import re
@@ -39,6 +44,7 @@ HPO_PHENOTYPIC_ABNORMALITY = "HP:0000118"  # its direct children are the 23 labe
 LICENSE_MAX_WORDS = 256  # the model truncates to <= 128 tokens; longer texts only cost tokenisation time
 RULE_MIN_WORDS = 10  # shorter rules are bare references ("MIT", a URL), not legal text
 DOMAIN_TEST_FRACTION = 0.2
+MIN_LABEL_EXAMPLES = 2  # a label with fewer user examples cannot reach both train and test: dropped, with a warning
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json"}
 _LICENSE_KEY = re.compile(r"[a-z0-9][a-z0-9.+_-]*", re.IGNORECASE)  # a token of a ScanCode license_expression
 _EXPRESSION_OPERATORS = {"and", "or", "with"}
@@ -104,22 +110,35 @@ class DomainData:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_source(source: str, text_column: str = "text", label_column: str = "label") -> LabeledTexts:
+@dataclass(frozen=True)
+class Columns:
+    """The columns of user data: text, label and, optionally (''), the group a row belongs to."""
+
+    text: str = "text"
+    label: str = "label"
+    group: str = ""
+
+
+def load_source(source: str, text_column: str = "text", label_column: str = "label", group_column: str = "") -> LabeledTexts:
     """Load labelled texts from an embedded default (``"hpo"``, ``"licenses"``), a local file or ``hf:...``.
 
     Files (``.csv``, ``.jsonl``, ``.json``) and ``hf:<dataset id or local folder>[@split]`` (split
-    defaults to ``"train"``) are read with ``datasets.load_dataset``; ``text_column`` and
-    ``label_column`` name their columns. A ``ClassLabel`` column keeps its names; other labels become
-    their sorted unique values as strings (sorted numerically when all are integers, so integer labels
-    keep their ids). Rows with an empty text or a missing label are dropped.
+    defaults to ``"train"``) are read with ``datasets.load_dataset``; ``text_column``, ``label_column``
+    and ``group_column`` (optional: rows sharing its value stay on one side of a split) name their
+    columns. A ``ClassLabel`` column keeps its names; other labels become their sorted unique values as
+    strings (sorted numerically when all are integers, so integer labels keep their ids). Dropped, with
+    one warning each: rows with an empty text, a missing label or a missing group, then the examples of
+    labels with fewer than ``MIN_LABEL_EXAMPLES`` examples. The embedded sources ignore the column names
+    and are used as they are (``licenses`` brings its own groups), so documented results stay reproducible.
     """
     if source == "hpo":
         return _load_hpo()
     if source == "licenses":
         return _load_licenses()
+    columns = Columns(text_column, label_column, group_column)
     if source.startswith("hf:"):
         dataset_id, split = _parse_hf_source(source)
-        return _load_hf(source, dataset_id, split, text_column, label_column)
+        return _load_hf(source, dataset_id, split, columns)
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
@@ -129,10 +148,123 @@ def load_source(source: str, text_column: str = "text", label_column: str = "lab
         )
     if not path.is_file():
         raise DataError(f"data file {source!r} does not exist")
+    _check_file(source, path.read_bytes(), suffix)
     import datasets  # heavy import, only needed for user data
 
-    dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
-    return _from_dataset(source, dataset, text_column, label_column)
+    try:
+        dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        raise DataError(f"data file {source!r} could not be read: {_first_line(cause)}") from error
+    return _from_dataset(source, dataset, columns)
+
+
+SHAPES = {  # what a user file must hold, named when it does not
+    ".csv": "a header row naming the columns, then one row per example",
+    ".jsonl": "one JSON object per line",
+    ".json": 'a list of records [{"text": ..., "label": ...}, ...] or one JSON object per line',
+}
+
+
+def _check_file(source: str, raw: bytes, suffix: str) -> None:
+    """Refuse what ``datasets`` would fail on with a traceback: an empty file, a file that is not UTF-8,
+    a header-only or ragged CSV, a malformed JSON line (named by number), JSON that is not records."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"data file {source!r} is not UTF-8: byte 0x{raw[error.start]:02x} on line {line}; expected UTF-8 text "
+            "(re-save it as UTF-8)"
+        ) from None
+    if not text.strip():
+        raise DataError(f"data file {source!r} is empty; expected {SHAPES[suffix]}")
+    if suffix == ".csv":
+        _check_csv(source, text)
+    elif suffix == ".jsonl":
+        _check_json_lines(source, text)
+    else:
+        _check_json(source, text)
+
+
+def _check_csv(source: str, text: str) -> None:
+    """A header, then at least one row, none wider than the header, every quote closed."""
+    limit = csv.field_size_limit(2**31 - 1)  # the default (128 KiB) would refuse a long document in one cell
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] = []
+    examples = 0
+    ended = 0  # the last line read: a row starts on the next one (a quoted field may span lines)
+    try:
+        for row in rows:
+            start, ended = ended + 1, rows.line_num
+            if row and not header:
+                header = row
+            elif len(row) > len(header):
+                raise DataError(
+                    f"data file {source!r} line {start} has {len(row)} fields, its header {len(header)}; "
+                    "expected at most one field per column (quote a text that holds a comma)"
+                )
+            elif row:
+                examples += 1
+    except csv.Error as error:
+        problem = "opens a quote that is never closed" if "end of data" in str(error) else f"is not valid CSV ({error})"
+        raise DataError(f"data file {source!r} line {ended + 1} {problem}; expected {SHAPES['.csv']}") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not examples:
+        raise DataError(f"data file {source!r} has a header ({', '.join(header)}) but no rows; expected one row per example")
+
+
+def _check_json_lines(source: str, text: str) -> None:
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"data file {source!r} line {number} is not valid JSON ({error.msg} at column {error.colno}); "
+                "expected one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"data file {source!r} line {number} holds {_json_kind(record)}; expected one JSON object per line")
+
+
+def _check_json(source: str, text: str) -> None:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several values: JSON Lines in a .json file, which datasets reads as such
+            _check_json_lines(source, text)
+            return
+        raise DataError(
+            f"data file {source!r} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+            f"expected {SHAPES['.json']}"
+        ) from None
+    if not isinstance(document, list) or not document:
+        raise DataError(f"data file {source!r} holds {_json_kind(document)}; expected {SHAPES['.json']}")
+    for number, record in enumerate(document, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"data file {source!r} holds a list whose item {number} is {_json_kind(record)}; expected {SHAPES['.json']}")
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON value is named in a message: 'a number', 'an empty list'..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return "one JSON object"
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _parse_hf_source(source: str) -> tuple[str, str]:
@@ -145,37 +277,41 @@ def _parse_hf_source(source: str) -> tuple[str, str]:
     return dataset_id, split or "train"
 
 
-def _load_hf(source: str, dataset_id: str, split: str, text_column: str, label_column: str) -> LabeledTexts:
+def _load_hf(source: str, dataset_id: str, split: str, columns: Columns) -> LabeledTexts:
     import datasets  # heavy import, only needed for user data
 
     try:
         dataset = datasets.load_dataset(dataset_id, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"data source {source!r} could not be loaded as a dataset: {first_line}") from error
-    return _from_dataset(source, dataset, text_column, label_column)
+        raise DataError(f"data source {source!r} could not be loaded as a dataset: {_first_line(error)}") from error
+    return _from_dataset(source, dataset, columns)
 
 
-def _from_dataset(source: str, dataset: Any, text_column: str, label_column: str) -> LabeledTexts:
+def _from_dataset(source: str, dataset: Any, columns: Columns) -> LabeledTexts:
     """Turn a ``datasets.Dataset`` into ``LabeledTexts``, validating columns and labels."""
-    for column in (text_column, label_column):
-        if column not in dataset.column_names:
+    for column in (columns.text, columns.label, columns.group):
+        if column and column not in dataset.column_names:
             found = ", ".join(dataset.column_names)
             raise DataError(f"data source {source!r} has no column {column!r}; columns found: {found}")
-    feature = dataset.features[label_column]
+    feature = dataset.features[columns.label]
     class_names = getattr(feature, "names", None)
-    texts: list[str] = []
-    raw_labels: list[Any] = []
-    for text, label in zip(dataset[text_column], dataset[label_column]):
+    group_values = dataset[columns.group] if columns.group else [""] * len(dataset)
+    rows: list[tuple[str, Any, str]] = []
+    for text, label, group in zip(dataset[columns.text], dataset[columns.label], group_values):
         if text is None or not str(text).strip() or label is None or (class_names is not None and label < 0):
             continue
-        texts.append(str(text).strip())
-        raw_labels.append(label)
-    dropped = len(dataset) - len(texts)
+        if columns.group and (group is None or not str(group).strip()):
+            continue
+        rows.append((str(text).strip(), label, str(group).strip()))
+    dropped = len(dataset) - len(rows)
     if dropped:
-        logger.warning("%s: dropped %d of %d rows with an empty text or no label", source, dropped, len(dataset))
-    if not texts:
-        raise DataError(f"data source {source!r} has no rows with a non-empty {text_column!r} and a {label_column!r}")
+        missing = "an empty text, no label or no group" if columns.group else "an empty text or no label"
+        logger.warning("%s: dropped %d of %d rows with %s", source, dropped, len(dataset), missing)
+    if not rows:
+        raise DataError(f"data source {source!r} has no rows with a non-empty {columns.text!r} and a {columns.label!r}")
+    rows = _without_rare_labels(source, rows, class_names)
+    texts = tuple(text for text, _, _ in rows)
+    raw_labels = [label for _, label, _ in rows]
     if class_names is not None:
         label_names = tuple(class_names)
         labels = np.asarray(raw_labels, dtype=np.int64)
@@ -184,10 +320,38 @@ def _from_dataset(source: str, dataset: Any, text_column: str, label_column: str
     distinct = len(np.unique(labels))
     if distinct < 2:
         raise DataError(
-            f"data source {source!r} has {distinct} distinct label in column {label_column!r}; expected at least 2"
+            f"data source {source!r} has {_count(distinct, 'label')} with {MIN_LABEL_EXAMPLES} or more examples in column "
+            f"{columns.label!r}; expected at least 2"
         )
     logger.info("%s: %d examples, %d classes", source, len(texts), len(label_names))
-    return LabeledTexts(texts=tuple(texts), labels=labels, label_names=label_names)
+    groups = tuple(group for _, _, group in rows) if columns.group else None
+    return LabeledTexts(texts=texts, labels=labels, label_names=label_names, groups=groups)
+
+
+def _without_rare_labels(source: str, rows: list[tuple[str, Any, str]], class_names: Sequence[str] | None) -> list[tuple[str, Any, str]]:
+    """The rows whose label has at least ``MIN_LABEL_EXAMPLES`` examples; the others dropped with one warning.
+
+    Dropping rather than refusing: a long tail of labels seen once is common in real data, and such a label
+    would land in train only, never tested (or, after subsampling, nowhere).
+    """
+    counts: dict[str, int] = {}
+    for _, label, _ in rows:
+        counts[str(label).strip()] = counts.get(str(label).strip(), 0) + 1
+    rare = sorted(name for name, count in counts.items() if count < MIN_LABEL_EXAMPLES)
+    if not rare:
+        return rows
+    kept = [row for row in rows if counts[str(row[1]).strip()] >= MIN_LABEL_EXAMPLES]
+    names = [class_names[int(name)] for name in rare] if class_names is not None else rare
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    logger.warning(
+        "%s: dropped %s of %s with fewer than %d examples: %s",
+        source, _count(len(rows) - len(kept), "example"), _count(len(rare), "label"), MIN_LABEL_EXAMPLES, shown,
+    )
+    return kept
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _encode_labels(raw_labels: Sequence[Any]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -423,10 +587,16 @@ def load_domain(
     seed: int,
     text_column: str = "text",
     label_column: str = "label",
+    group_column: str = "",
 ) -> DomainData:
     """Load ``source``, split it (test fraction 0.2, by group where groups exist) and subsample each side."""
-    data = load_source(source, text_column=text_column, label_column=label_column)
+    data = load_source(source, text_column=text_column, label_column=label_column, group_column=group_column)
     train, test = stratified_split(data, DOMAIN_TEST_FRACTION, seed)
+    if not len(test):
+        raise DataError(
+            f"data source {source!r} leaves no test examples: each label has too few examples (or groups) for a "
+            f"{DOMAIN_TEST_FRACTION:.0%} test share; expected a label with at least 3 examples"
+        )
     domain = DomainData(
         name=name, train=sample_per_domain(train, train_size, seed), test=sample_per_domain(test, test_size, seed)
     )

@@ -28,6 +28,15 @@ class Score:
     def summary(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "macro-f1": self.macro_f1, "loss": self.loss}
 
+    def to_record(self) -> dict[str, float | str]:
+        """JSON for a checkpoint: the summary and the per-example correctness as a string of 0s and 1s."""
+        return {**self.summary(), "correct": "".join("1" if c else "0" for c in self.correct)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, float | str]) -> Score:
+        correct = np.frombuffer(str(record["correct"]).encode(), dtype=np.uint8) == ord("1")
+        return cls(float(record["accuracy"]), float(record["macro-f1"]), float(record["loss"]), correct)
+
 
 def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Macro-F1 over the classes present in labels or predictions (sklearn's default)."""

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from fl import files
 from fl.baselines import FEDAVG, Scores, Workbench, ensemble, expert_seed, fine_tune, fit_base, make_workbench, one_shot
+from fl.checkpoint import RunFolder, StrategyCheckpoint
 from fl.config import RunConfig
 from fl.data import DomainData
 from fl.model import num_attention_heads, save_merged
@@ -23,7 +25,7 @@ from fl.rounds import CentralEvaluator, StrategyOutcome
 from fl.simulation import run_strategy
 from strategies.rules import RuleSetting
 
-StrategyRunner = Callable[[RunConfig, RuleSetting, dict[str, torch.Tensor], CentralEvaluator], StrategyOutcome]
+StrategyRunner = Callable[[RunConfig, RuleSetting, dict[str, torch.Tensor], CentralEvaluator, StrategyCheckpoint], StrategyOutcome]
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +51,13 @@ def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> li
     return pairs
 
 
-def run_experiment(
-    config: RunConfig,
-    model_path: str,
-    data: Mapping[str, DomainData],
-    strategies: list[RuleSetting],
-    out: Path,
-    versions: Mapping[str, str],
-    runner: StrategyRunner = run_strategy,
-) -> dict[str, object]:
-    """All phases; `runner` runs one strategy (a local Flower simulation by default, or a given Grid)."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    clock = PhaseClock()
+def run_baselines(
+    config: RunConfig, bench: Workbench, one_shots: Mapping[str, RuleSetting], out: Path, clock: PhaseClock
+) -> tuple[dict[str, Scores], dict[str, torch.Tensor]]:
+    """Base probe, experts (saved to `out`), multi-task, one-shot merges of the experts and the ensemble: their
+    scores, and the strategies' common start (the base encoder with its probe heads)."""
     budget = config.rounds * config.local_steps
     domains = config.domains
-
-    with clock.phase("tokenise and load model"):
-        bench: Workbench = make_workbench(config, model_path, dict(data))
     with clock.phase("base (linear probes on the frozen encoder)"):
         start, base_scores = fit_base(bench)
     models: dict[str, Scores] = {"base": base_scores}
@@ -82,26 +72,65 @@ def run_experiment(
     with clock.phase(f"multi-task ({budget} steps per domain)"):
         multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
         models["multi-task"] = bench.score(multitask)
-    one_shots = {"one-shot-average": FEDAVG}
-    one_shots.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
     for row, setting in one_shots.items():
         with clock.phase(f"{row} of the experts"):
             models[row] = bench.score(one_shot(bench, setting, start, experts, config.seed))
     models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
+    return models, start
+
+
+def run_experiment(
+    config: RunConfig,
+    model_path: str,
+    data: Mapping[str, DomainData],
+    strategies: list[RuleSetting],
+    folder: RunFolder,
+    versions: Mapping[str, str],
+    runner: StrategyRunner = run_strategy,
+) -> dict[str, object]:
+    """All phases; `runner` runs one strategy (a local Flower simulation by default, or a given Grid).
+
+    What `folder` holds from an earlier, interrupted run of the same configuration is read back (baselines,
+    finished strategies) or continued from its last completed round (a strategy's checkpoint).
+    """
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    out = folder.out
+    clock = PhaseClock()
+    domains = config.domains
+
+    with clock.phase("tokenise and load model"):
+        bench: Workbench = make_workbench(config, model_path, dict(data))
+    one_shots = {"one-shot-average": FEDAVG}
+    one_shots.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
+    saved = folder.baselines()
+    if saved is not None:
+        log.info("baselines read back from %s", out)
+        models, start = saved
+    else:
+        models, start = run_baselines(config, bench, one_shots, out, clock)
+        folder.save_baselines(models, start)
 
     curves = {}
     histories = {}
     names = [s.name for s in strategies]
     for setting in strategies:
         name = setting.name
+        checkpoint = folder.strategy(name)
+        done = checkpoint.load()
+        if done is not None and done.finished:
+            log.info("strategy %s: finished earlier, read back from %s", name, checkpoint.folder)
+            curves[name], models[name], histories[name] = done.scores, done.scores[config.rounds], done.strategy["client-history"]
+            continue
         with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
-            evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=base_scores)
-            outcome = runner(config, setting, start, evaluator)
+            evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=models["base"])
+            outcome = runner(config, setting, start, evaluator, checkpoint)
             curves[name] = evaluator.history
             models[name] = evaluator.history[config.rounds]
             histories[name] = outcome.client_history
             bench.model.load_state_dict(outcome.final_state)
             save_merged(bench.model, bench.tokenizer, out / name, bench.label_names)
+            checkpoint.finish()
 
     with clock.phase("report"):
         own_experts = {d: models[f"{d}-expert"][d] for d in domains}
@@ -112,14 +141,16 @@ def run_experiment(
         header = (
             f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
             f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
+            + (f", attack {config.attack} by {', '.join(config.attackers())}" if config.attack else "")
         )
-        (out / "results.md").write_text(markdown(rows, found, domains, header, compared))
+        files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes={d: (len(v.train), len(v.test)) for d, v in data.items()}))
         plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in names}, domains)
     results = {
         "config": config.to_record(),
         "strategies-run": names,
         "strategy-options": {s.name: s.record() for s in strategies},
         "seed": config.seed,
+        "attack": {"spec": config.attack, "clients": config.attackers()},  # who poisoned their updates (fl.attacks)
         "versions": dict(versions),
         "domains": {
             d: {"labels": list(v.train.label_names), "train-examples": len(v.train), "test-examples": len(v.test)}

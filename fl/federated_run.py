@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fl import files
+from fl.checkpoint import RunFolder
 from fl.config import ConfigError, RunConfig
 from fl.model import build_model, check_model, load_tokenizer, save_merged
 from fl.phases import PhaseClock
@@ -86,17 +87,18 @@ def markdown_table(config: RunConfig, results: Mapping[str, list[dict[str, objec
 
 
 def run_federated(
-    grid: Grid, config: RunConfig, strategies: list[RuleSetting], out: Path, versions: Mapping[str, str]
+    grid: Grid, config: RunConfig, strategies: list[RuleSetting], folder: RunFolder, versions: Mapping[str, str]
 ) -> dict[str, object]:
-    """Every strategy from the same seeded start; results and merged models written to `out`."""
+    """Every strategy from the same seeded start; results and merged models written to the run folder, each
+    round checkpointed there (a strategy found checkpointed continues, one found finished is read back)."""
     config = replace(config, client_eval=True)
     torch.manual_seed(config.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.out
     clock = PhaseClock()
     with clock.phase("ask the nodes for their domains and labels"):
         labels, members = ask_labels(grid, config)
     with clock.phase("load the base model, heads seeded-random"):
-        model_path = check_model(config.model)
+        model_path = check_model(config.model, config.max_length)
         model = build_model(model_path, {d: len(v) for d, v in labels.items()}, config.seed)
         tokenizer = load_tokenizer(model_path)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -104,13 +106,21 @@ def run_federated(
     strategies_json: dict[str, object] = {}
     for setting in strategies:
         name = setting.name
-        with clock.phase(f"strategy {name}: {config.num_clients} SuperNodes x {config.rounds} rounds"):
-            outcome = run_on_grid(grid, config, setting, start, None)
-            curves[name] = per_domain_rounds(name, outcome.client_evaluations, config)
-            model.load_state_dict(outcome.final_state)
-            save_merged(model, tokenizer, out / name, labels)
-        strategies_json[name] = {"rounds": curves[name], "clients": outcome.client_history, "model-dir": str(out / name)}
-    (out / "results.md").write_text(markdown_table(config, curves))
+        checkpoint = folder.strategy(name)
+        done = checkpoint.load()
+        if done is not None and done.finished:
+            evaluations = {int(r): m for r, m in done.strategy["client-evaluations"].items()}  # type: ignore[union-attr]
+            history = done.strategy["client-history"]
+        else:
+            with clock.phase(f"strategy {name}: {config.num_clients} SuperNodes x {config.rounds} rounds"):
+                outcome = run_on_grid(grid, config, setting, start, None, checkpoint)
+                model.load_state_dict(outcome.final_state)
+                save_merged(model, tokenizer, out / name, labels)
+                checkpoint.finish()
+            evaluations, history = outcome.client_evaluations, outcome.client_history
+        curves[name] = per_domain_rounds(name, evaluations, config)
+        strategies_json[name] = {"rounds": curves[name], "clients": history, "model-dir": str(out / name)}
+    files.write_text(out / "results.md", markdown_table(config, curves))
     results = {
         "config": config.to_record(),
         "strategies-run": [s.name for s in strategies],

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 HEADS_FILE = "heads.safetensors"
@@ -50,15 +50,71 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def check_model(name: str) -> str:
-    """Fail early, before any data is tokenised or weights loaded: read only the config."""
+ENCODERS = "BERT, RoBERTa, DistilBERT, ELECTRA, XLM-R"  # named when a decoder or an encoder-decoder is refused
+LOCAL_FILES = {  # what a local --model folder needs besides config.json, as globs; without a tokenizer file
+    # AutoTokenizer silently builds a five-token vocabulary that maps every word to [UNK]
+    "tokenizer": ("tokenizer.json", "vocab.txt", "vocab.json", "*.model"),
+    "weight": ("*.safetensors", "pytorch_model*.bin"),
+}
+# Model types that number positions from pad_token_id + 1, leaving pad_token_id + 1 positions unused: the text
+# encoders among the transformers modules that define create_position_ids_from_input_ids.
+PADDING_OFFSET_TYPES = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+     "longformer", "mpnet", "ibert", "luke"}
+)
+
+
+def check_model(name: str, max_length: int | None = None) -> str:
+    """Fail early, before any data is tokenised or weights loaded: read only the config and list a local folder.
+
+    Refused, in this order: a config that does not load, a model that is not an encoder (``not_an_encoder``),
+    a local folder without tokenizer or weight files, a ``max_length`` beyond the position embeddings.
+    """
     resolved = resolve_model(name)
     try:
-        AutoConfig.from_pretrained(resolved)
+        config = AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"--model '{name}' cannot be loaded as a Hugging Face encoder: {first_line}") from None
+    kind = not_an_encoder(config)
+    if kind:
+        raise ModelError(f"--model '{name}' is {kind} ({config.model_type}): expected an encoder such as {ENCODERS}")
+    folder = Path(resolved)
+    if folder.is_dir():
+        missing = {what: globs for what, globs in LOCAL_FILES.items() if not any(any(folder.glob(g)) for g in globs)}
+        if missing:
+            expected = "; ".join(f"{what}: {' or '.join(globs)}" for what, globs in missing.items())
+            raise ModelError(f"--model '{name}' has no {' and no '.join(missing)} files: expected {expected}")
+    limit = max_positions(config)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ModelError(f"--max-length {max_length}: longer than the {limit} positions of --model '{name}'; expected at most {limit}")
     return resolved
+
+
+def not_an_encoder(config: PretrainedConfig) -> str:
+    """'an encoder-decoder' or 'a decoder-only model' when the config says so, else ''.
+
+    Decoder-only: ``is_decoder`` set, or a model type transformers has a causal-LM class for and no
+    masked-LM class (GPT-2, Llama...: BERT and RoBERTa have both, so they pass).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder"
+    causal_only = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if getattr(config, "is_decoder", False) or causal_only:
+        return "a decoder-only model"
+    return ""
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest input the position embeddings hold, or None when the config declares no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if config.model_type in PADDING_OFFSET_TYPES:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return int(limit)
 
 
 def num_attention_heads(name: str) -> int:

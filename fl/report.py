@@ -7,7 +7,7 @@ holds beyond noise.
 
 from __future__ import annotations
 
-import json
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fl import files  # noqa: E402
 from fl.evaluation import Score  # noqa: E402
 
 Scores = Mapping[str, Score]
@@ -125,9 +126,27 @@ def _fmt(value: tuple[float, float, float], scale: float = 100.0) -> str:
     return f"{value[0] * scale:.1f} [{value[1] * scale:.1f}, {value[2] * scale:.1f}]"
 
 
+def sizes_line(sizes: Mapping[str, tuple[int, int]]) -> str:
+    """Train and test examples per domain and the precision the test size allows: the normal-approximation 95%
+    half-width 1.96 sqrt(p(1-p)/n) at p = 0.5, the widest it gets (narrower near 0% or 100% accuracy)."""
+    counts = ", ".join(f"{d} {train} train / {test} test" for d, (train, test) in sizes.items())
+    widths = ", ".join(f"+-{100 * 1.96 * math.sqrt(0.25 / max(test, 1)):.1f} points on {d}" for d, (_, test) in sizes.items())
+    return (
+        f"Examples per domain: {counts}. With n test examples an accuracy's 95% interval reaches at most "
+        f"1.96 sqrt(0.25/n) either side (its width at 50% accuracy): {widths}; paired differences are often tighter."
+    )
+
+
 def markdown(
-    rows: Sequence[Row], found: Sequence[Effect], domains: Sequence[str], header: str, compared: Sequence[Effect] = ()
+    rows: Sequence[Row],
+    found: Sequence[Effect],
+    domains: Sequence[str],
+    header: str,
+    compared: Sequence[Effect] = (),
+    sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> str:
+    """The table, its effects and comparisons; ``sizes`` (train, test examples per domain) adds what they mean for
+    precision."""
     cols = [f"{d} accuracy" for d in domains] + ["mean", "normalised (merged / expert)"]
     lines = [header, "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in rows:
@@ -136,6 +155,7 @@ def markdown(
     lines += [
         "",
         "Accuracy in %, normalised accuracy as a ratio in %; [95% bootstrap interval over test examples].",
+        *(["", sizes_line(sizes)] if sizes else []),
         "",
         "| effect | difference (points) [paired 95% interval] | holds beyond noise |",
         "|---|---|---|",
@@ -215,7 +235,8 @@ def plot_curves(
         ax.set_ylabel("accuracy")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with files.replaced(path) as temporary:
+        fig.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
     plt.close(fig)
 
 
@@ -228,7 +249,7 @@ def package_versions() -> dict[str, str]:
 
 
 def write_json(path: Path, payload: Mapping[str, object]) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    files.write_json(path, payload, default=_jsonable)
 
 
 def _jsonable(value: object) -> object:

@@ -2,7 +2,9 @@
 
 Central evaluation (``evaluate_fn``) scores the global model on each domain's held-out set before the first
 round and after every round, so each strategy gets per-round, per-domain curves. A strategy that raises (a
-failed client, a corrupt update) ends the run with that error instead of a silent "0 results" round.
+failed client, a corrupt update) ends the run with that error instead of a silent "0 results" round. After
+the evaluation of every round the strategy's checkpoint is written (``fl.checkpoint``), and a strategy found
+checkpointed continues from its last round.
 ``run_on_grid`` serves a local simulation (``fl.simulation``) and ``flwr run`` (``fl.server_app``) alike.
 """
 
@@ -17,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl.batches import Encoded
+from fl.checkpoint import StrategyCheckpoint
 from fl.config import RunConfig
 from fl.evaluation import Score, evaluate
 from fl.model import MultiHeadEncoder, num_attention_heads
@@ -74,8 +77,13 @@ def run_on_grid(
     setting: RuleSetting,
     initial_state: Mapping[str, torch.Tensor],
     evaluator: CentralEvaluator | None,
+    checkpoint: StrategyCheckpoint | None = None,
 ) -> StrategyOutcome:
-    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails."""
+    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails.
+
+    With a checkpoint, every completed round is saved, and a strategy that an earlier run left after round K
+    continues with round K + 1 from the saved weights, scores and strategy state.
+    """
     strategy = make_strategy(
         setting,
         config.num_clients,
@@ -85,17 +93,41 @@ def run_on_grid(
         reply_timeout=config.reply_timeout,
         continue_on_loss=config.on_node_loss == "continue",
         max_examples=config.local_steps * config.batch_size,
+        max_eval_examples=config.test_size,
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(dict(initial_state)),
-        num_rounds=config.rounds,
-        timeout=config.reply_timeout,
-        train_config=ConfigRecord({"local-steps": config.local_steps}),
-        evaluate_fn=evaluator,
-    )
-    evaluations = {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
-    return StrategyOutcome(result.arrays.to_torch_state_dict(), strategy.client_history, evaluations)
+    done = checkpoint.load() if checkpoint is not None else None
+    if done is not None:
+        log.info("%s: resuming after round %d of %d", setting.name, done.server_round, config.rounds)
+        strategy.restore(done.strategy, done.server_round)
+        initial_state = done.weights
+        if evaluator is not None:
+            evaluator.history.update(done.scores)
+    completed = done.server_round if done is not None else 0
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this before round 1 and after every round, last: score, then checkpoint."""
+        real_round = strategy.real_round(server_round)
+        if server_round == 0 and completed > 0:
+            return None  # the resumed start was scored when it was saved
+        metrics = evaluator(real_round, arrays) if evaluator is not None else None
+        if server_round > 0 and checkpoint is not None:
+            scores = evaluator.history if evaluator is not None else {}
+            checkpoint.save(real_round, arrays.to_torch_state_dict(), strategy.state(), scores)
+        return metrics
+
+    if completed < config.rounds:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(dict(initial_state)),
+            num_rounds=config.rounds - completed,
+            timeout=config.reply_timeout,
+            train_config=ConfigRecord({"local-steps": config.local_steps}),
+            evaluate_fn=after_round,
+        )
+        final_state = result.arrays.to_torch_state_dict()
+    else:
+        final_state = dict(initial_state)
+    return StrategyOutcome(final_state, strategy.client_history, dict(strategy.client_evaluations))
 
 
 def make_server_app(
@@ -104,6 +136,7 @@ def make_server_app(
     initial_state: Mapping[str, torch.Tensor],
     evaluator: CentralEvaluator,
     outcome: StrategyOutcome,
+    checkpoint: StrategyCheckpoint | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process)."""
     app = ServerApp()
@@ -111,10 +144,10 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_on_grid(grid, config, setting, initial_state, evaluator)
+            done = run_on_grid(grid, config, setting, initial_state, evaluator, checkpoint)
         except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
             outcome.error = error
             raise
-        outcome.final_state, outcome.client_history = done.final_state, done.client_history
+        outcome.final_state, outcome.client_history, outcome.client_evaluations = done.final_state, done.client_history, done.client_evaluations
 
     return app

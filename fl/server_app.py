@@ -17,12 +17,14 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl.checkpoint import RunFolder, StrategyCheckpoint, check_out, run_identity
 from fl.config import ConfigError, RunConfig, split_run_config
 from fl.data import parse_partition_scheme
 from fl.experiment import run_experiment
 from fl.federated_run import run_federated
 from fl.report import package_versions
 from fl.rounds import CentralEvaluator, StrategyOutcome, run_on_grid
+from strategies.options import parse_bool
 from strategies.rules import RuleSetting, parse_names, settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class AppOptions:
     config: RunConfig
     strategies: list[RuleSetting]
     out: Path
+    resume: bool  # continue the run in `out` from its last checkpoint (fl.checkpoint)
+    overwrite: bool  # replace the results and checkpoints in `out`
 
 
 def app_options(run_config: Mapping[str, object]) -> AppOptions:
@@ -47,7 +51,9 @@ def app_options(run_config: Mapping[str, object]) -> AppOptions:
     if not out.is_absolute():  # the app runs from a packaged copy, so a relative folder would land inside it
         raise ConfigError(f"out '{record.app['out']}' is relative: expected an absolute path (or one starting with ~)")
     parse_partition_scheme(record.config.partition)
-    return AppOptions(record.config, strategies, out)
+    resume, overwrite = (parse_bool(key, record.app.get(key, "false")) for key in ("resume", "overwrite"))
+    check_out(out, run_identity(record.config, strategies), resume, overwrite)
+    return AppOptions(record.config, strategies, out, resume, overwrite)
 
 
 def show_fedmerge_logs() -> None:
@@ -72,17 +78,21 @@ def main(grid: Grid, context: Context) -> None:
     config = options.config
     names = ",".join(s.name for s in options.strategies)
     log.info("fedmerge: strategies %s, %d rounds, results to %s", names, config.rounds, options.out)
+    folder = RunFolder(options.out, run_identity(config, options.strategies))
+    folder.open(overwrite=options.overwrite)
     if not config.server_data:
-        run_federated(grid, config, options.strategies, options.out, package_versions())
+        run_federated(grid, config, options.strategies, folder, package_versions())
         return
 
     from fl.baselines import load_data
     from fl.model import check_model
 
-    model_path = check_model(config.model)
+    model_path = check_model(config.model, config.max_length)
     data = load_data(config)
 
-    def on_grid(cfg: RunConfig, setting: RuleSetting, start: dict[str, torch.Tensor], evaluator: CentralEvaluator) -> StrategyOutcome:
-        return run_on_grid(grid, cfg, setting, start, evaluator)
+    def on_grid(
+        cfg: RunConfig, setting: RuleSetting, start: dict[str, torch.Tensor], evaluator: CentralEvaluator, checkpoint: StrategyCheckpoint
+    ) -> StrategyOutcome:
+        return run_on_grid(grid, cfg, setting, start, evaluator, checkpoint)
 
-    run_experiment(config, model_path, data, options.strategies, options.out, package_versions(), runner=on_grid)
+    run_experiment(config, model_path, data, options.strategies, folder, package_versions(), runner=on_grid)

@@ -7,11 +7,16 @@ curves.png and one merged-model folder per strategy to --out.
     python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 11-12 min on 2 cores
     python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
     python sims/bio_legal.py --strategies fedavg,ties,regmean --ties-density 0.1
+    python sims/bio_legal.py --resume --out runs/bio_legal   # continue an interrupted run from its last round
+
+Every completed round is checkpointed in --out; Ctrl-C or SIGTERM stops within seconds and prints the command
+that resumes. A folder that already holds results is never overwritten without --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_options(__doc__.split("\n\n")[0])
     add_rule_options(p)
     p.add_argument("--out", default="runs/bio_legal", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed round")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints already in --out")
     return p.parse_args(argv)
+
+
+def resume_command(argv: list[str], out: str) -> str:
+    """This run's command line with --resume (and without --overwrite): what continues it."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    has_out = any(a == "--out" or a.startswith("--out=") for a in kept)
+    return shlex.join(["python", "sims/bio_legal.py", *kept, *([] if has_out else ["--out", out]), "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fl.baselines import load_data
     from fl.capacity import check_fits
+    from fl.checkpoint import RunFolder, check_out, run_identity
 
     try:
         config = build_config(args)
         strategies = rule_settings(args)
-        model_path = check_model(config.model)
+        identity = run_identity(config, strategies)
+        check_out(Path(args.out), identity, args.resume, args.overwrite)
+        model_path = check_model(config.model, config.max_length)
         statistics = tuple(s.rule.statistic.name for s in strategies if s.rule.statistic)
         check_fits(config, str(model_path), statistics=statistics)  # too many clients for this machine: refuse now
         data = load_data(config)
@@ -50,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from fl.experiment import run_experiment
+    from fl.interrupt import exit_cleanly_on_signals
     from fl.report import package_versions
 
-    run_experiment(config, model_path, data, strategies, Path(args.out), package_versions())
+    folder = RunFolder(Path(args.out), identity)
+    with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):
+        folder.open(overwrite=args.overwrite)
+        run_experiment(config, model_path, data, strategies, folder, package_versions())
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")
     return 0
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         offsets = parse_offsets(args.training_seeds)
         check_device(args.device)
-        model_path = check_model(config.model)
+        model_path = check_model(config.model, config.max_length)
         data = load_data(config)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

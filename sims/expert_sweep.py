@@ -83,7 +83,7 @@ EXPERT_CLAIMS = (
     "legal-expert loses bio",
     "bio-expert loses legal",
 )
-DATA_FIELDS = ("model", "bio_data", "legal_data", "text_column", "label_column", "train_size", "test_size", "max_length", "seed")
+DATA_FIELDS = ("model", "bio_data", "legal_data", "text_column", "label_column", "group_column", "train_size", "test_size", "max_length", "seed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
         check_device(args.device)
-        model_path = check_model(base.model)
+        model_path = check_model(base.model, max(config.max_length for _, config in grid))
         from fl.baselines import load_data
 
         for config in {tuple(getattr(c, f) for f in DATA_FIELDS): c for _, c in grid}.values():

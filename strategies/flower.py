@@ -6,11 +6,17 @@ global model and tells the clients what the rule needs from them (FedProx's mu, 
 bytes, and merges with the rule (``strategies.rules``), which checks every client first. Every returned key is
 merged over the clients that sent it, so a domain head is never diluted by clients that did not train it; keys
 nobody sent keep their global value. Replies are merged in the order of their clients' names, not of arrival,
-so the same seed gives the same sums. Client evaluations are averaged per domain.
+so the same seed gives the same sums. The merged model is checked finite before it becomes the global one.
+Client evaluations are checked and averaged per domain.
+
+A resumed run starts Flower's loop again at its round 1: ``first_round`` shifts every round number the hooks
+see (and send to clients, whose seeds derive from it) to the real one, so round k + 1 of a resumed run is the
+round k + 1 of an uninterrupted one. ``state()`` / ``restore()`` carry what the strategy learned across that.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -19,8 +25,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from strategies.aggregation import UpdateError, all_finite
 from strategies.records import record_views
-from strategies.replies import ReplyPolicy, client_identity, describe_client
+from strategies.replies import ReplyPolicy, check_evaluation, check_own_head, client_identity, describe_client
 from strategies.rules import RuleSetting
 from strategies.update import ClientUpdate, MergeContext
 
@@ -58,6 +65,7 @@ class RuleStrategy(FedAvg):
         policy: ReplyPolicy,
         num_heads: int | None = None,
         seed: int = 0,
+        max_eval_examples: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -71,10 +79,37 @@ class RuleStrategy(FedAvg):
         self.policy = policy
         self.num_heads = num_heads
         self.seed = seed
+        self.max_eval_examples = max_eval_examples  # a client's test split holds at most this many examples
+        self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
         self.global_state: dict[str, torch.Tensor] = {}
         self.client_history: list[dict[str, object]] = []
+        self.client_evaluations: dict[int, dict[str, float]] = {}  # round -> per-domain means of client evaluations
+
+    def real_round(self, server_round: int) -> int:
+        return server_round + self.first_round - 1
+
+    def state(self) -> dict[str, object]:
+        """What the strategy learned so far, as JSON: enough to continue after a restart."""
+        policy = self.policy
+        return {
+            "client-history": self.client_history,
+            "client-evaluations": {str(r): m for r, m in self.client_evaluations.items()},
+            "num-nodes": policy.num_nodes,
+            "lost-nodes": {str(r): lost for r, lost in policy.lost_nodes.items()},
+        }
+
+    def restore(self, state: dict[str, object], completed_round: int) -> None:
+        """Continue after `completed_round` with the state a checkpoint saved (``state()``)."""
+        self.first_round = completed_round + 1
+        self.client_history = list(state["client-history"])  # type: ignore[call-overload]
+        self.client_evaluations = {int(r): dict(m) for r, m in state["client-evaluations"].items()}  # type: ignore[union-attr]
+        self.policy.num_nodes = int(state["num-nodes"])  # type: ignore[call-overload]
+        self.policy.lost_nodes = {int(r): list(v) for r, v in state["lost-nodes"].items()}  # type: ignore[union-attr]
+        for entry in self.client_history:  # the history's "lost" lists are the policy's lists, as in aggregate_train
+            entry["lost"] = self.policy.lost_nodes.setdefault(int(entry["round"]), entry["lost"])  # type: ignore[arg-type]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = self.real_round(server_round)
         self.global_state = arrays.to_torch_state_dict()
         self.follow_policy()
         self.policy.wait(grid, f"round {server_round}")
@@ -83,6 +118,7 @@ class RuleStrategy(FedAvg):
         return self.policy.sending(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = self.real_round(server_round)
         self.follow_policy()
         if self.fraction_evaluate > 0:
             self.policy.wait(grid, f"round {server_round}")
@@ -98,14 +134,18 @@ class RuleStrategy(FedAvg):
         statistic = self.setting.rule.statistic
         stats = record_views(msg.content[statistic.name]) if statistic and statistic.name in msg.content else {}
         name = describe_client(msg)
-        return ClientUpdate(name, client_identity(msg) or name, record_views(msg.content[self.arrayrecord_key]), self.policy.claimed_examples(msg), stats)
+        state = record_views(msg.content[self.arrayrecord_key])
+        check_own_head(msg, state)
+        return ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.real_round(server_round)
         usable = sorted(self.policy.usable(server_round, "train", list(replies)), key=lambda m: client_identity(m) or "")
         updates = [self.client_update(msg) for msg in usable]
         context = MergeContext(server_round, self.seed, self.num_heads)
         merged = dict(self.global_state)
         merged.update(self.setting.merge(self.global_state, updates, context))
+        check_merged(server_round, merged, updates)
         self.client_history.append(
             {
                 "round": server_round,
@@ -120,7 +160,23 @@ class RuleStrategy(FedAvg):
         return ArrayRecord(merged, keep_input=False), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round, self.policy.usable(server_round, "evaluate", list(replies)))
+        server_round = self.real_round(server_round)
+        usable = self.policy.usable(server_round, "evaluate", list(replies))
+        for msg in usable:
+            check_evaluation(msg, self.max_eval_examples)
+        metrics = super().aggregate_evaluate(server_round, usable)
+        if metrics is not None:
+            self.client_evaluations[server_round] = dict(metrics)
+        return metrics
+
+
+def check_merged(server_round: int, merged: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> None:
+    """Every merged float tensor finite; finite replies can still overflow a float32 sum (values near 1e36)."""
+    for key, value in merged.items():
+        if value.is_floating_point() and not all_finite(value):
+            senders = [(float(u.state[key].abs().max()), u.name) for u in updates if key in u.state]
+            largest, name = max(senders, default=(math.nan, "no client"))
+            raise UpdateError(f"round {server_round}: merged '{key}' is not finite: {name} sent values up to {largest:.3g} (largest of the round)")
 
 
 def make_strategy(
@@ -132,7 +188,8 @@ def make_strategy(
     reply_timeout: float = 3600.0,
     continue_on_loss: bool = False,
     max_examples: int | None = None,
+    max_eval_examples: int | None = None,
 ) -> RuleStrategy:
     """The strategy of one run: ``setting``'s rule, its reply policy, every client trained each round."""
     policy = ReplyPolicy(num_clients, reply_timeout, continue_on_loss, max_examples)
-    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed)
+    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples)

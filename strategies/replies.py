@@ -7,6 +7,12 @@ heartbeat, a crashed ClientApp, no reply in time) is dropped instead: the round 
 replies, the loss is logged and recorded per round, and later rounds stop waiting for it. A ClientApp that
 raised still fails the run: that is a bug, not a loss. A reply's claimed ``num-examples`` is its averaging
 weight, so one above what a round's steps allow is refused: it would let one client own the global model.
+
+A client's claim about whom it serves is trusted once: the first reply of a node binds it to its
+"<domain>-<partition>", and a later reply of that node claiming another is refused, as is a training reply that
+carries another domain's head (a bio client could otherwise overwrite the legal head). Client evaluation
+replies are checked too (accuracy in [0, 1], finite loss, at most the test set's examples): with a server
+that holds no data they are the only scores.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class ReplyPolicy:
         self.weighted_by_key = weighted_by_key
         self.lost_nodes: dict[int, list[dict[str, str]]] = {}  # continue mode: round -> stage, node, reason of each loss
         self.node_names: dict[int, str] = {}  # node id -> "node ID (domain-partition)", from earlier replies
+        self.node_roles: dict[int, str] = {}  # node id -> "domain-partition" it claimed first; later claims must agree
         self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
 
     def wait(self, grid: Grid, stage: str) -> list[int]:
@@ -113,6 +120,7 @@ class ReplyPolicy:
         mode lost nodes are dropped (and remembered) as long as one client answered and none raised."""
         for msg in replies:
             if not msg.has_error():
+                self.check_role(msg)
                 self.node_names[msg.metadata.src_node_id] = describe_client(msg)
         failed = [m for m in replies if m.has_error()]
         ok = [m for m in replies if not m.has_error()]
@@ -134,6 +142,15 @@ class ReplyPolicy:
                 f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
             )
         return ok
+
+    def check_role(self, msg: Message) -> None:
+        """Bind a node to the domain and partition its first reply claimed; refuse a reply that changes them."""
+        role = client_identity(msg)
+        if role is None:
+            raise UpdateError(f"{describe_client(msg)}: reply names no domain (no 'client' record)")
+        bound = self.node_roles.setdefault(msg.metadata.src_node_id, role)
+        if bound != role:
+            raise UpdateError(f"node {msg.metadata.src_node_id}: claims to be {role}, but served {bound} in an earlier reply: refused")
 
     def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[str], remaining: int) -> None:
         """Record and log the lost nodes, and let later rounds start with the nodes that are left."""
@@ -157,6 +174,26 @@ class ReplyPolicy:
                 " (local-steps x batch-size)"
             )
         return weight
+
+
+def check_own_head(msg: Message, keys: Iterable[str]) -> None:
+    """A client trains the shared encoder and its own domain's head, so it may send only those."""
+    domain = str(msg.content["client"]["domain"])
+    foreign = sorted(k for k in keys if k.startswith("heads.") and not k.startswith(f"heads.{domain}."))
+    if foreign:
+        raise UpdateError(f"{describe_client(msg)}: a '{domain}' client sent another domain's head ({', '.join(foreign)}): refused")
+
+
+def check_evaluation(msg: Message, max_examples: int | None) -> None:
+    """A client's evaluation reply: accuracy in [0, 1], a finite loss >= 0, 1..max_examples test examples."""
+    metrics = msg.content["metrics"] if "metrics" in msg.content else {}
+    expected = {"eval-accuracy": (0.0, 1.0), "eval-loss": (0.0, math.inf), "num-examples": (1.0, float(max_examples or math.inf))}
+    for key, (low, high) in expected.items():
+        if key not in metrics:
+            raise UpdateError(f"{describe_client(msg)}: evaluation reply has no '{key}'")
+        value = float(metrics[key])
+        if not (math.isfinite(value) and low <= value <= high):
+            raise UpdateError(f"{describe_client(msg)}: {key} {value:g}: expected a finite number in [{low:g}, {high:g}]")
 
 
 def stage_name(server_round: int, stage: str) -> str:

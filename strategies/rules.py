@@ -24,6 +24,7 @@ from strategies.fisher import FISHER, fisher_average
 from strategies.options import Option, OptionError
 from strategies.permutation import aligned
 from strategies.regmean import GRAM, regmean
+from strategies.robust import clip, krum, median, trimmed_mean
 from strategies.task_vectors import dare, dare_ties, task_arithmetic, ties
 from strategies.update import Clients, MergeContext, State, Statistic
 
@@ -135,6 +136,33 @@ RULES: Mapping[str, Rule] = {
             options=(BATCHES, Option("alpha", float, 0.9, "scale of each Gram's off-diagonal entries (1: exact least squares)", 0.0, 1.0)),
             client_options={"batches": "statistic-batches"},
             statistic=GRAM,
+        ),
+        Rule(
+            "median", median, "coordinate-wise median of the clients' values, key by key (unweighted)",
+            "Yin et al. 2018", "1 model copy + n x 1M-coordinate blocks; every reply held",
+            "5+ clients, some of which may send corrupted or malicious weights",
+            one_shot=False,
+        ),
+        Rule(
+            "trimmed-mean", trimmed_mean, "per coordinate drop the floor(beta n) smallest and largest values, mean of the rest (unweighted)",
+            "Yin et al. 2018", "1 model copy + n x 1M-coordinate blocks; every reply held",
+            "5+ clients, at most beta n of each key's senders faulty; closer to FedAvg than the median",
+            options=(Option("beta", float, 0.2, "fraction of each key's senders dropped at each end, per coordinate", 0.0, 0.5, high_open=True),),
+            one_shot=False,
+        ),
+        Rule(
+            "clip", clip, "scale each client's delta to L2 norm <= bound, then weighted mean of the deltas",
+            "Sun et al. 2019", "1 model copy; every reply read twice (norms, then sums)",
+            "5+ clients, a few of which may send oversized updates (boosted backdoors, diverged training)",
+            options=(Option("bound", float, 0.0, "largest L2 norm of a client's delta (0: the round's median delta norm)", 0.0),),
+            one_shot=False,
+        ),
+        Rule(
+            "krum", krum, "weighted mean of the n - f clients closest to their n - f - 2 nearest others (multi-Krum)",
+            "Blanchard et al. 2017; El Mhamdi et al. 2018", "1 model copy + n x n distances; every reply read twice",
+            "5+ similar clients (n >= 2f + 3), up to f of them arbitrary (Byzantine)",
+            options=(Option("f", int, 1, "assumed number of attackers among the clients", 0),),
+            one_shot=False,
         ),
     ]
 }

@@ -134,6 +134,45 @@ def test_stratified_split_keeps_unsplittable_classes_in_train():
         data.stratified_split(toy, 1.5, seed=0)
 
 
+def test_group_column_keeps_each_document_on_one_side(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [f"doc {d} chunk {c},{'ab'[d % 2]},doc-{d}" for d in range(40) for c in range(int(rng.integers(1, 6)))]
+    path = _write_csv(tmp_path / "chunks.csv", "text,label,doc", rows)
+
+    domain = data.load_domain("toy", str(path), train_size=None, test_size=None, seed=0, group_column="doc")
+
+    assert set(domain.train.groups).isdisjoint(domain.test.groups)
+    assert len(domain.train) + len(domain.test) == len(rows)
+    assert set(domain.test.labels.tolist()) == {0, 1}
+    ungrouped = data.load_domain("toy", str(path), train_size=None, test_size=None, seed=0)
+    documents = [{text.split(" chunk")[0] for text in side.texts} for side in (ungrouped.train, ungrouped.test)]
+    assert ungrouped.train.groups is None and not documents[0].isdisjoint(documents[1])  # without it, documents cross
+
+
+def test_rows_without_a_group_are_dropped_with_one_counted_warning(tmp_path, caplog):
+    rows = [f"text {i},{'ab'[i % 2]},{'' if i < 3 else f'g{i}'}" for i in range(12)]
+    path = _write_csv(tmp_path / "g.csv", "text,label,doc", rows)
+
+    loaded = data.load_source(str(path), group_column="doc")
+
+    assert len(loaded) == 9 and loaded.groups == tuple(f"g{i}" for i in range(3, 12))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{path}: dropped 3 of 12 rows with an empty text, no label or no group"
+    ]
+
+
+def test_labels_with_a_single_example_are_dropped_with_one_counted_warning(tmp_path, caplog):
+    rows = [f"text {i},{'ab'[i % 2]}" for i in range(10)] + ["lonely,z", "alone,y"]
+    path = _write_csv(tmp_path / "rare.csv", "text,label", rows)
+
+    loaded = data.load_source(str(path))
+
+    assert loaded.label_names == ("a", "b") and len(loaded) == 10
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{path}: dropped 2 examples of 2 labels with fewer than 2 examples: y, z"
+    ]
+
+
 def test_sample_per_domain_is_stratified_and_deterministic():
     toy = _toy([0] * 600 + [1] * 300 + [2] * 100)
 
@@ -160,39 +199,51 @@ def test_load_domain_splits_and_subsamples(tmp_path):
 
 
 def test_csv_with_custom_columns_maps_string_labels(tmp_path):
-    rows = ["a cat,zoo,1", "a law,court,2", "  ,zoo,3", "a dog,zoo,4"]
+    rows = ["a cat,zoo,1", "a law,court,2", "  ,zoo,3", "a dog,zoo,4", "a judge,court,5"]
     path = _write_csv(tmp_path / "reviews.csv", "sentence,topic,extra", rows)
 
     loaded = data.load_source(str(path), text_column="sentence", label_column="topic")
 
     assert loaded.label_names == ("court", "zoo")
-    assert loaded.texts == ("a cat", "a law", "a dog")
-    assert loaded.labels.tolist() == [1, 0, 1]
+    assert loaded.texts == ("a cat", "a law", "a dog", "a judge")
+    assert loaded.labels.tolist() == [1, 0, 1, 0]
     assert loaded.groups is None
 
 
 def test_jsonl_with_integer_labels_keeps_numeric_order(tmp_path):
     path = tmp_path / "docs.jsonl"
-    records = [{"body": f"doc {i}", "y": label} for i, label in enumerate([10, 2, 2, 10, 1])]
+    records = [{"body": f"doc {i}", "y": label} for i, label in enumerate([10, 2, 2, 10, 1, 1])]
     path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="utf-8")
 
     loaded = data.load_source(str(path), text_column="body", label_column="y")
 
     assert loaded.label_names == ("1", "2", "10")
-    assert loaded.labels.tolist() == [2, 1, 1, 2, 0]
+    assert loaded.labels.tolist() == [2, 1, 1, 2, 0, 0]
+
+
+def test_json_file_holding_json_lines_or_a_list_of_records_loads_alike(tmp_path):
+    records = [{"text": f"doc {i}", "label": "xy"[i % 2]} for i in range(4)]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    (tmp_path / "list.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+
+    lines = data.load_source(str(tmp_path / "lines.json"))
+    listed = data.load_source(str(tmp_path / "list.json"))
+
+    assert lines.texts == listed.texts == tuple(r["text"] for r in records)
+    assert lines.labels.tolist() == listed.labels.tolist() == [0, 1, 0, 1]
 
 
 def test_hf_source_reads_a_local_dataset_folder_and_split(tmp_path):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    _write_csv(folder / "train.csv", "text,label", ["good film,pos", "bad film,neg", "fine film,pos"])
-    _write_csv(folder / "test.csv", "text,label", ["great film,pos", "awful film,neg"])
+    _write_csv(folder / "train.csv", "text,label", ["good film,pos", "bad film,neg", "fine film,pos", "poor film,neg"])
+    _write_csv(folder / "test.csv", "text,label", ["great film,pos", "awful film,neg", "nice film,pos", "dull film,neg"])
 
     train = data.load_source(f"hf:{folder}")
     test = data.load_source(f"hf:{folder}@test")
 
-    assert train.texts == ("good film", "bad film", "fine film") and train.labels.tolist() == [1, 0, 1]
-    assert test.texts == ("great film", "awful film") and test.label_names == ("neg", "pos")
+    assert train.texts == ("good film", "bad film", "fine film", "poor film") and train.labels.tolist() == [1, 0, 1, 0]
+    assert test.texts == ("great film", "awful film", "nice film", "dull film") and test.label_names == ("neg", "pos")
     with pytest.raises(DataError, match=r"could not be loaded as a dataset: Unknown split"):
         data.load_source(f"hf:{folder}@validation")
 
@@ -204,13 +255,13 @@ def test_hf_source_uses_class_label_names(tmp_path):
     folder.mkdir()
     label = datasets.ClassLabel(names=["zeta", "alpha", "mid"])
     features = datasets.Features({"text": datasets.Value("string"), "label": label})
-    table = datasets.Dataset.from_dict({"text": ["x", "y", "z"], "label": [0, 1, 1]}, features=features)
+    table = datasets.Dataset.from_dict({"text": ["x", "y", "z", "w"], "label": [0, 1, 1, 0]}, features=features)
     table.to_parquet(str(folder / "train.parquet"))
 
     loaded = data.load_source(f"hf:{folder}")
 
     assert loaded.label_names == ("zeta", "alpha", "mid")
-    assert loaded.labels.tolist() == [0, 1, 1]
+    assert loaded.labels.tolist() == [0, 1, 1, 0]
 
 
 def test_missing_file_is_named():
@@ -237,7 +288,7 @@ def test_missing_column_is_named_with_columns_found(tmp_path):
 def test_single_label_is_rejected_with_count(tmp_path):
     path = _write_csv(tmp_path / "one.csv", "text,label", ["a,same", "b,same"])
 
-    with pytest.raises(DataError, match=r"one\.csv' has 1 distinct label in column 'label'"):
+    with pytest.raises(DataError, match=r"one\.csv' has 1 label with 2 or more examples in column 'label'; expected at least 2"):
         data.load_source(str(path))
 
 

@@ -37,7 +37,7 @@ BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of
 RUN_TIMEOUT = 300  # seconds for one `flwr run`; a healthy tiny run takes 1-2 minutes on 2 busy cores
 EXPERIMENT_KEYS = {
     "config", "strategies-run", "strategy-options", "seed", "versions", "domains", "baselines", "strategies", "table", "effects",
-    "against-fedavg", "wall-seconds",
+    "against-fedavg", "wall-seconds", "attack",
 }
 FEDERATED_KEYS = {"config", "strategies-run", "strategy-options", "seed", "versions", "domains", "strategies", "wall-seconds"}
 
@@ -506,3 +506,33 @@ def test_with_on_node_loss_continue_a_lost_supernode_is_dropped_and_the_run_comp
     assert [(r, e["node"], e["stage"]) for r, e in lost] == [(1, f"node {deployment.node_ids['legal']}", "train")]
     assert "Node Unavailable" in lost[0][1]["reason"]
     assert [[c["client"] for c in h["clients"]] for h in history] == [[f"node {deployment.node_ids['bio']} (bio-0)"]] * 2
+
+
+def test_a_deployment_whose_server_app_is_killed_after_round_1_resumes_to_completion(flower: Flower, run_config, tmp_path: Path) -> None:
+    deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL})
+    config = run_config(rounds=3)
+    flower.start("run", "flwr", "run", ".", deployment.connection, "--stream", "--run-config", str(config))
+    first = flower.wait_for("run", r"Successfully started run (\d+)", 120).group(1)
+    state = tmp_path / "out" / "checkpoints" / "fedavg" / "state.json"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not state.exists():
+        assert time.monotonic() < deadline, flower.log("run")[-3000:]
+        time.sleep(0.2)
+    server_apps = [int(p.name) for p in Path("/proc").glob("[0-9]*") if "flwr-serverapp" in cmdline(int(p.name))]
+    assert server_apps, "no flwr-serverapp process found"
+    for pid in server_apps:
+        os.kill(pid, signal.SIGKILL)
+    killed_after = json.loads(state.read_text())["round"]
+    assert killed_after < 3
+
+    run_id, log = run_app(flower, deployment.connection, run_config(rounds=3, resume=True))
+
+    assert run_id != first
+    assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", log[-3000:]
+    assert f"resuming after round {killed_after} of 3" in log and "baselines read back" in log
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = results["strategies"]["fedavg"]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
+    assert [h["round"] for h in run["clients"]] == [1, 2, 3]
+    _, labels = load_merged(tmp_path / "out" / "fedavg")
+    assert set(labels) == {"bio", "legal"}

@@ -306,3 +306,59 @@ def test_the_train_config_tells_clients_what_the_rule_needs() -> None:
 
     sent = record["config"]
     assert (sent["statistic"], sent["statistic-batches"], sent["local-steps"]) == ("gram", 3, 2)
+
+
+def test_a_client_sending_another_domains_head_is_refused_naming_the_node() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    honest = reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.ones(1)}, 5, "legal", 2)
+    hostile = reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.full((1,), 9.0)}, 5, "bio", 1)
+
+    with pytest.raises(UpdateError, match=r"node 1 \(bio-0\): a 'bio' client sent another domain's head \(heads.legal.weight\)"):
+        strategy.aggregate_train(1, [honest, hostile])
+
+
+def test_a_node_that_changes_its_claimed_domain_is_refused() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 1)
+    strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 1)])
+
+    with pytest.raises(UpdateError, match="node 1: claims to be legal-0, but served bio-0 in an earlier reply"):
+        strategy.aggregate_train(2, [reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.ones(1)}, 5, "legal", 1)])
+
+
+def test_finite_replies_whose_merge_overflows_are_refused_naming_the_largest_sender() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 3)
+    replies = [reply({"encoder.w": torch.full((2,), 3e38)}, 5, "bio", 1), reply({"encoder.w": torch.full((2,), 3.3e38)}, 5, "legal", 2)]
+    replies.append(reply({"encoder.w": torch.ones(2)}, 5, "legal", 3))
+
+    with pytest.raises(UpdateError, match=r"round 1: merged 'encoder.w' is not finite: node 2 \(legal-0\) sent values up to 3.3e\+38"):
+        strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "needle"),
+    [
+        ({"eval-accuracy": 7.5, "eval-loss": 0.3, "num-examples": 10}, "eval-accuracy 7.5: expected a finite number in \\[0, 1\\]"),
+        ({"eval-accuracy": 0.5, "eval-loss": float("nan"), "num-examples": 10}, "eval-loss nan"),
+        ({"eval-accuracy": 0.5, "eval-loss": 0.3, "num-examples": 1e9}, "num-examples 1e\\+09: expected a finite number in \\[1, 100\\]"),
+        ({"eval-loss": 0.3, "num-examples": 10}, "has no 'eval-accuracy'"),
+    ],
+)
+def test_a_bad_client_evaluation_is_refused_naming_the_node(metrics: dict[str, float], needle: str) -> None:
+    strategy = make_strategy(rule("fedavg"), 1, client_eval=True, max_eval_examples=100)
+    strategy.policy.sent = [FakeReply(None, 0)]
+    bad = FakeReply(RecordDict({"metrics": MetricRecord(metrics), "client": ConfigRecord({"domain": "bio", "partition-id": 0})}), 4)
+
+    with pytest.raises(UpdateError, match=rf"node 4 \(bio-0\): .*{needle}"):
+        strategy.aggregate_evaluate(1, [bad])
+
+
+def test_a_resumed_strategy_numbers_rounds_as_the_uninterrupted_run_and_keeps_its_history() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 1)
+    strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 1)])
+    saved = strategy.state()
+
+    resumed = strategy_with_global("fedavg", toy_global(), 1)
+    resumed.restore(saved, completed_round=1)
+    resumed.aggregate_train(1, [reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 1)])
+
+    assert [entry["round"] for entry in resumed.client_history] == [1, 2]

@@ -6,7 +6,17 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from fl.model import ModelError, build_model, check_model, client_state, load_merged, load_tokenizer, save_merged
+from fl.model import (
+    ModelError,
+    build_model,
+    check_model,
+    client_state,
+    load_merged,
+    load_tokenizer,
+    max_positions,
+    not_an_encoder,
+    save_merged,
+)
 
 
 def test_state_keys_are_encoder_and_heads(tiny_model_dir: Path) -> None:
@@ -51,3 +61,37 @@ def test_model_path_without_config_is_refused_before_loading(tmp_path: Path) -> 
 
 def test_default_model_resolves_offline() -> None:
     assert Path(check_model("default"), "config.json").is_file()
+
+
+def test_encoders_pass_and_decoders_and_encoder_decoders_are_named() -> None:
+    from transformers import BartConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+
+    from tests.conftest import tiny_bert_config
+
+    assert [not_an_encoder(c) for c in [tiny_bert_config(), RobertaConfig(), DistilBertConfig()]] == ["", "", ""]
+    assert not_an_encoder(T5Config()) == not_an_encoder(BartConfig()) == "an encoder-decoder"
+    assert not_an_encoder(GPT2Config()) == not_an_encoder(LlamaConfig()) == "a decoder-only model"
+    assert not_an_encoder(tiny_bert_config(is_decoder=True)) == "a decoder-only model"
+
+
+def test_max_positions_leaves_out_the_positions_roberta_reserves_for_padding() -> None:
+    from transformers import RobertaConfig
+
+    from tests.conftest import tiny_bert_config
+
+    assert max_positions(tiny_bert_config()) == 128
+    assert max_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+def test_max_length_up_to_the_positions_is_accepted(tiny_model_dir: Path) -> None:
+    assert check_model(str(tiny_model_dir), max_length=128) == str(tiny_model_dir)
+    with pytest.raises(ModelError, match="--max-length 129: longer than the 128 positions"):
+        check_model(str(tiny_model_dir), max_length=129)
+
+
+def test_a_folder_with_weights_but_no_tokenizer_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for name in ["config.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+
+    with pytest.raises(ModelError, match=r"has no tokenizer files: expected tokenizer: tokenizer\.json or vocab\.txt"):
+        check_model(str(tmp_path))

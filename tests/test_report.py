@@ -64,6 +64,17 @@ def test_markdown_and_plot_are_written(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def test_markdown_states_each_domains_sizes_and_the_precision_they_allow() -> None:
+    s = {"bio": score([1, 0]), "legal": score([1, 1])}
+    rows = [table_row("base", s, s, 0)]
+
+    text = markdown(rows, [], ["bio", "legal"], "# title", sizes={"bio": (2000, 1000), "legal": (500, 100)})
+
+    assert "bio 2000 train / 1000 test, legal 500 train / 100 test" in text
+    assert "+-3.1 points on bio, +-9.8 points on legal" in text  # 1.96 sqrt(0.25 / n) in points
+    assert "Examples per domain" not in markdown(rows, [], ["bio", "legal"], "# title")
+
+
 def test_baseline_labels_keep_their_lines_height_unless_they_would_overlap() -> None:
     assert label_positions([0.9, 0.5, 0.7], 0.05) == [0.9, 0.5, 0.7]
 

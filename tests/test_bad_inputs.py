@@ -1,0 +1,150 @@
+"""Every bad input a user can give the headline CLI, and its answer: one line `error: ...` naming the value and
+what was expected, exit code 2, before any weights load, training starts or --out is created."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl.config import ConfigError, RunConfig
+from sims import bio_legal
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (argv, files written to {tmp} first, a fragment of the one-line message). Placeholders: {tmp} a fresh folder;
+# {bio} and {legal} toy CSVs (3 labels each); {tiny} a tiny BERT folder (128 positions); {t5}, {gpt2}, {bare} folders
+# holding only the config.json of a T5, a GPT-2 and a BERT.
+CASES = [
+    # options
+    (["--rounds", "0"], {}, "--rounds 0: expected an integer >= 1"),
+    (["--seed", "-5"], {}, "--seed -5: expected an integer >= 0"),
+    (["--lr", "inf"], {}, "--lr inf: expected a finite number > 0"),
+    (["--head-lr", "nan"], {}, "--head-lr nan: expected a finite number > 0"),
+    (["--lr", "0"], {}, "--lr 0.0: expected a finite number > 0"),
+    (["--partition", "dirichlet:-1"], {}, "dirichlet:-1"),
+    (["--clients-per-domain", "400"], {}, "--clients-per-domain 400: 800 clients need about"),
+    # merge rules and their options
+    (["--strategies", "fedavg,bogus"], {}, "bogus"),
+    (["--strategies", "fedavg,fedavg"], {}, "fedavg listed more than once"),
+    (["--strategies", "fedprox", "--fedprox-mu", "nan"], {}, "fedprox-mu nan: expected a number >= 0"),
+    (["--strategies", "fedprox", "--fedprox-mu", "inf"], {}, "fedprox-mu inf: expected a number >= 0"),
+    (["--strategies", "ties", "--ties-density", "0"], {}, "ties-density 0: expected a number > 0 and <= 1"),
+    (["--strategies", "fedavg", "--ties-density", "0.3"], {}, "--ties-density is an option of ties, which --strategies fedavg does not select"),
+    # the model
+    (["--model", "{tmp}"], {}, "is not a model folder: expected a directory with config.json"),
+    (["--model", "{t5}"], {}, "is an encoder-decoder (t5): expected an encoder such as BERT, RoBERTa"),
+    (["--model", "{gpt2}"], {}, "is a decoder-only model (gpt2): expected an encoder such as BERT, RoBERTa"),
+    (["--model", "{bare}"], {}, "has no tokenizer and no weight files: expected tokenizer: tokenizer.json or vocab.txt"),
+    (["--max-length", "100000"], {}, "--max-length 100000: longer than the 512 positions of --model 'default'; expected at most 512"),
+    (["--model", "{tiny}", "--max-length", "129"], {}, "--max-length 129: longer than the 128 positions"),
+    # data files
+    (["--bio-data", "/nonexistent/bio.csv"], {}, "data file '/nonexistent/bio.csv' does not exist"),
+    (["--bio-data", "{tmp}/bio.txt"], {"bio.txt": b"a,b\n"}, "bio.txt' is not 'hpo', 'licenses', 'hf:<dataset>[@split]' or a file ending in"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b""}, "bio.csv' is empty; expected a header row"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\n"}, "bio.csv' has a header (text, label) but no rows"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\nthe caf\xe9,a\nthe tea,b\n"}, "bio.csv' is not UTF-8: byte 0xe9 on line 2"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\na,x\nb,y,z\n"}, "bio.csv' line 3 has 3 fields, its header 2"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b'text,label\n"a\nb",x\n"c"d,y\n'}, "bio.csv' line 4 is not valid CSV (',' expected after"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b'text,label\n"a,x\nb,y\n'}, "bio.csv' line 2 opens a quote that is never closed"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"sentence,category\nhello,a\nworld,b\n"}, "has no column 'text'; columns found: sentence, category"),
+    (["--bio-data", "{tmp}/bio.jsonl"], {"bio.jsonl": b'{"text": "a", "label": "x"}\n{"text": "b", label: "y"}\n'}, "bio.jsonl' line 2 is not valid JSON"),
+    (["--bio-data", "{tmp}/bio.jsonl"], {"bio.jsonl": b'{"text": "a", "label": "x"}\n\n[1, 2]\n'}, "bio.jsonl' line 3 holds a list; expected one JSON object per line"),
+    (["--bio-data", "{tmp}/bio.json"], {"bio.json": b"42\n"}, "bio.json' holds a number (42); expected a list of records"),
+    (["--bio-data", "{tmp}/bio.json"], {"bio.json": b'{"text": ["a", "b"], "label": ["x", "y"]}'}, "bio.json' holds one JSON object; expected a list of records"),
+    (["--bio-data", "{tmp}/bio.json"], {"bio.json": b'[{"text": "a"}, "b"]'}, "bio.json' holds a list whose item 2 is a string"),
+    (["--bio-data", "{tmp}/bio.json"], {"bio.json": b'[{"text": "a",]'}, "bio.json' is not valid JSON (Expecting property name"),
+    (["--bio-data", "{bio}", "--legal-data", "{tmp}/legal.jsonl"], {"legal.jsonl": b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n'},
+     "legal.jsonl' has 1 label with 2 or more examples in column 'label'; expected at least 2"),
+    (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\na,x\nb,x\nc,y\nd,y\n"}, "bio.csv' leaves no test examples"),
+    # the split and the sizes
+    (["--bio-data", "{bio}", "--legal-data", "{legal}", "--group-column", "doc"], {}, "bio.csv' has no column 'doc'; columns found: text, label"),
+    (["--bio-data", "{bio}", "--legal-data", "{legal}", "--train-size", "1"], {}, "--train-size 1: domain bio has 3 labels; expected at least 3"),
+]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load weights or train fails the test: errors must come first."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr("fl.model.AutoModel.from_pretrained", refuse)
+    monkeypatch.setattr("fl.experiment.run_experiment", refuse, raising=False)
+
+
+@pytest.fixture(scope="module")
+def config_only_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders with nothing but a tiny config.json: the kind of model is told from the config alone."""
+    from transformers import GPT2Config, T5Config
+
+    from tests.conftest import tiny_bert_config
+
+    folders = {}
+    configs = {
+        "t5": T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2),
+        "gpt2": GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2),
+        "bare": tiny_bert_config(),
+    }
+    for name, config in configs.items():
+        folders[name] = tmp_path_factory.mktemp(name)
+        config.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize(("argv", "files", "needle"), CASES, ids=[" ".join(argv) + f" {needle[:30]}" for argv, _, needle in CASES])
+def test_bad_input_fails_with_one_line_and_exit_2(
+    argv, files, needle, tmp_path, toy_csvs, tiny_model_dir, config_only_models, capsys, no_model_loading
+) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    paths = {"tmp": folder, "bio": toy_csvs[0], "legal": toy_csvs[1], "tiny": tiny_model_dir, **config_only_models}
+    out = tmp_path / "out"
+
+    code = bio_legal.main([arg.format(**paths) for arg in argv] + ["--out", str(out)])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert needle in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        ({"reply-timeout": "inf"}, "--reply-timeout inf: expected a finite number of seconds > 0"),
+        ({"seed": "-1"}, "--seed -1: expected an integer >= 0"),
+        ({"lr": "nan"}, "--lr nan: expected a finite number > 0"),
+    ],
+)
+def test_bad_run_config_values_are_refused(record: dict[str, str], needle: str) -> None:
+    """The same checks on the Flower run config (`flwr run`), which has options the CLI lacks."""
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_record(record)
+
+    assert str(error.value) == needle
+
+
+def test_every_float_option_is_checked_for_finiteness() -> None:
+    floats = [name for name, value in vars(RunConfig()).items() if isinstance(value, float)]
+
+    for name in floats:
+        with pytest.raises(ConfigError, match=f"{name.replace('_', '-')} inf"):
+            RunConfig(**{name: math.inf}).validate()
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    done = subprocess.run(
+        [sys.executable, "sims/bio_legal.py", "--lr", "inf", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --lr inf: expected a finite number > 0"
+    assert not out.exists()
