@@ -32,6 +32,9 @@ from strategies.rules import RuleSetting
 from strategies.update import ClientUpdate, MergeContext
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Weighted mean of the clients' metrics within each domain (``client`` record), keys prefixed by the domain.
 
@@ -136,7 +139,9 @@ class RuleStrategy(FedAvg):
         name = describe_client(msg)
         state = record_views(msg.content[self.arrayrecord_key])
         check_own_head(msg, state)
-        return ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
+        update = ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
+        check_magnitude(name, update.state, FLOAT32_MAX / ((self.policy.max_examples or update.weight) * max(self.policy.num_nodes, 1)))
+        return update
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
@@ -168,6 +173,14 @@ class RuleStrategy(FedAvg):
         if metrics is not None:
             self.client_evaluations[server_round] = dict(metrics)
         return metrics
+
+
+def check_magnitude(name: str, state: dict[str, torch.Tensor], limit: float) -> None:
+    """Refuse finite values so large that the weighted float32 sum of a round could overflow (1e36 passes every
+    finiteness check; trained weights are of order 1)."""
+    for key, value in state.items():
+        if value.is_floating_point() and value.numel() and (largest := float(value.abs().max())) > limit:
+            raise UpdateError(f"{name}: key '{key}' holds values up to {largest:.3g}: expected at most {limit:.3g} in magnitude (a round's float32 sum could overflow)")
 
 
 def check_merged(server_round: int, merged: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> None:

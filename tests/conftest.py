@@ -70,3 +70,16 @@ def toy_csvs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         write_domain_csv(folder / "bio.csv", BIO_WORDS, 120, 0),
         write_domain_csv(folder / "legal.csv", LEGAL_WORDS, 120, 1),
     )
+
+
+def tiny_run_config(model_dir: Path, csvs: tuple[Path, Path], **overrides: object):
+    """A RunConfig of the tiny model on the toy CSVs, small enough for a Flower simulation in seconds."""
+    from fl.config import RunConfig
+
+    bio, legal = csvs
+    values: dict[str, object] = dict(
+        model=str(model_dir), bio_data=str(bio), legal_data=str(legal), train_size=60, test_size=24, max_length=16, rounds=2,
+        local_steps=2, batch_size=8,
+    )
+    values.update(overrides)
+    return RunConfig(**values)

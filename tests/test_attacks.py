@@ -14,6 +14,7 @@ from fl.client_app import ClientRole, client_data, training_set
 from fl.config import ConfigError, RunConfig
 from fl.rounds import CentralEvaluator
 from fl.simulation import run_strategy
+from tests.conftest import tiny_run_config
 
 
 @pytest.mark.parametrize(
@@ -137,19 +138,7 @@ def test_flipped_labels_move_every_label_the_same_way_each_time(num_labels: int)
 
 @pytest.fixture(scope="module")
 def tiny_attack_run(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
-    bio, legal = toy_csvs
-    config = RunConfig(
-        model=str(tiny_model_dir),
-        bio_data=str(bio),
-        legal_data=str(legal),
-        train_size=60,
-        test_size=24,
-        max_length=16,
-        rounds=1,
-        local_steps=2,
-        batch_size=8,
-        attack="scale:100:1",
-    )
+    config = tiny_run_config(tiny_model_dir, toy_csvs, rounds=1, attack="scale:100:1")
     bench = make_workbench(config, str(tiny_model_dir), load_data(config))
     start, base_scores = fit_base(bench)
     return config, bench, start, base_scores

@@ -114,6 +114,40 @@ def test_bad_input_fails_with_one_line_and_exit_2(
     assert not out.exists()
 
 
+OUT_CASES = [  # (what --out is before the run, extra flags, a fragment of the message)
+    ("a file", [], "is a file, expected a folder"),
+    ("a finished run", [], "already holds results or a checkpoint: pass --resume to continue it or --overwrite"),
+    ("an empty folder", ["--resume"], "holds no checkpoint to resume"),
+    ("a finished run", ["--resume", "--seed", "3"], "--resume: the configuration differs from the run in"),
+    ("a finished run", ["--resume", "--overwrite"], "--resume and --overwrite: expected one of them"),
+]
+
+
+@pytest.mark.parametrize(("before", "flags", "needle"), OUT_CASES, ids=[f"{b} {' '.join(f)}" for b, f, _ in OUT_CASES])
+def test_an_out_that_would_lose_results_fails_with_one_line_and_changes_nothing(
+    before: str, flags: list[str], needle: str, tmp_path, capsys, no_model_loading
+) -> None:
+    from fl.checkpoint import RunFolder, run_identity
+    from fl.cli import build_config, rule_settings
+
+    out = tmp_path / "out"
+    if before == "a file":
+        out.write_text("notes")
+    elif before == "an empty folder":
+        out.mkdir()
+    else:
+        args = bio_legal.parse_args(["--quick"])
+        RunFolder(out, run_identity(build_config(args), rule_settings(args))).open()
+        (out / "results.json").write_text("{}")
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes()
+
+    code = bio_legal.main(["--quick", "--out", str(out), *flags])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
+    assert snapshot == ({p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes())
+
+
 @pytest.mark.parametrize(
     ("record", "needle"),
     [

@@ -325,13 +325,23 @@ def test_a_node_that_changes_its_claimed_domain_is_refused() -> None:
         strategy.aggregate_train(2, [reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.ones(1)}, 5, "legal", 1)])
 
 
-def test_finite_replies_whose_merge_overflows_are_refused_naming_the_largest_sender() -> None:
-    strategy = strategy_with_global("fedavg", toy_global(), 3)
-    replies = [reply({"encoder.w": torch.full((2,), 3e38)}, 5, "bio", 1), reply({"encoder.w": torch.full((2,), 3.3e38)}, 5, "legal", 2)]
-    replies.append(reply({"encoder.w": torch.ones(2)}, 5, "legal", 3))
+def test_a_reply_of_finite_values_large_enough_to_overflow_the_sum_is_refused_naming_the_node() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 5, max_examples=160)
+    replies = [reply({"encoder.w": torch.ones(2)}, 160, "bio", node) for node in range(1, 5)]
+    replies.append(reply({"encoder.w": torch.full((2,), 1e36)}, 160, "legal", 5))
 
-    with pytest.raises(UpdateError, match=r"round 1: merged 'encoder.w' is not finite: node 2 \(legal-0\) sent values up to 3.3e\+38"):
+    with pytest.raises(UpdateError, match=r"node 5 \(legal-0\): key 'encoder.w' holds values up to 1e\+36: expected at most 4.25e\+35"):
         strategy.aggregate_train(1, replies)
+
+
+def test_a_merge_that_is_not_finite_is_refused_naming_the_largest_sender() -> None:
+    from strategies.flower import check_merged
+    from strategies.update import ClientUpdate
+
+    updates = [ClientUpdate("node 1 (bio-0)", "bio-0", {"w": torch.ones(2)}, 1.0), ClientUpdate("node 2 (legal-0)", "legal-0", {"w": torch.full((2,), 3e38)}, 1.0)]
+
+    with pytest.raises(UpdateError, match=r"round 3: merged 'w' is not finite: node 2 \(legal-0\) sent values up to 3e\+38"):
+        check_merged(3, {"w": torch.tensor([1.0, float("inf")])}, updates)
 
 
 @pytest.mark.parametrize(

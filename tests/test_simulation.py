@@ -7,27 +7,15 @@ import pytest
 import torch
 
 from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.config import RunConfig
 from fl.rounds import CentralEvaluator
 from fl.simulation import SimulationFailed, run_strategy
 from strategies.rules import settings
+from tests.conftest import tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
-    bio, legal = toy_csvs
-    config = RunConfig(
-        model=str(tiny_model_dir),
-        bio_data=str(bio),
-        legal_data=str(legal),
-        train_size=60,
-        test_size=24,
-        max_length=16,
-        rounds=2,
-        local_steps=2,
-        batch_size=8,
-        client_eval=True,
-    )
+    config = tiny_run_config(tiny_model_dir, toy_csvs, client_eval=True)
     bench = make_workbench(config, str(tiny_model_dir), load_data(config))
     start, base_scores = fit_base(bench)
     return config, bench, start, base_scores
