@@ -128,6 +128,7 @@ class StrategyCheckpoint:
         state = files.read_json(path)
         weights_file = state.get("weights")
         weights = files.load_weights(self.folder / str(weights_file)) if weights_file else {}
+        self.run.last_round = (self.name, int(state["round"]))  # type: ignore[call-overload]
         return Completed(
             int(state["round"]),  # type: ignore[call-overload]
             weights,
