@@ -4,7 +4,7 @@ Runs the baselines (base probe, each expert, multi-task, one-shot merges of the 
 strategy as a Flower simulation with one or more clients per domain, then writes results.json, results.md,
 curves.png and one merged-model folder per strategy to --out.
 
-    python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 11-12 min on 2 cores
+    python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 7-12 min on 2 cores
     python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
     python sims/bio_legal.py --strategies fedavg,ties,regmean --ties-density 0.1
     python sims/bio_legal.py --resume --out runs/bio_legal   # continue an interrupted run from its last round

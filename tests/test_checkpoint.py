@@ -132,16 +132,21 @@ def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def start_and_wait_for_round_1(argv: list[str], out: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
-    """Start a run; return once its first round is checkpointed, with the processes it started by then."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    state = out / "checkpoints" / "fedavg" / "state.json"
+def start_and_wait_for(argv: list[str], path: Path, log: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process]]:
+    """Start a run (its output to `log`: a full pipe would stall it); return once `path` exists, with the processes
+    the run had started by then."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 300
-    while not state.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no round checkpointed in 300 s"
+    while not path.exists():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {path.name} in 300 s"
         time.sleep(0.1)
     return process, psutil.Process(process.pid).children(recursive=True)
+
+
+def round_1(out: Path) -> Path:
+    return out / "checkpoints" / "fedavg" / "state.json"
 
 
 def alive(processes: list[psutil.Process]) -> list[int]:
@@ -166,9 +171,9 @@ def rounds_of(out: Path) -> list[dict[str, object]]:
 
 def test_a_run_killed_after_round_1_resumes_to_the_weights_and_metrics_of_an_uninterrupted_run(tiny_model_dir, toy_csvs, tmp_path) -> None:
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    process, started = start_and_wait_for_round_1(tiny_argv(tiny_model_dir, toy_csvs, killed), killed)
+    process, started = start_and_wait_for(tiny_argv(tiny_model_dir, toy_csvs, killed), round_1(killed), tmp_path / "killed.log")
     process.kill()
-    process.communicate()
+    process.wait()
     for p in started:  # SIGKILL gives the run no chance to stop Ray: do it here
         p.kill()
     completed = files.read_json(killed / "checkpoints" / "fedavg" / "state.json")["round"]
@@ -191,22 +196,31 @@ def test_a_run_killed_after_round_1_resumes_to_the_weights_and_metrics_of_an_uni
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in whole.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("sent", "code", "when", "progress"),
+    [
+        (signal.SIGINT, 130, "round 1", "after round "),  # Flower and Ray running
+        (signal.SIGTERM, 143, "start", "before any strategy round completed"),  # the baselines, no Ray yet
+    ],
+)
 def test_an_interrupted_run_exits_within_seconds_with_a_resume_line_and_no_process_left(
-    tiny_model_dir, toy_csvs, tmp_path, sent: signal.Signals, code: int
+    tiny_model_dir, toy_csvs, tmp_path, sent: signal.Signals, code: int, when: str, progress: str
 ) -> None:
-    out = tmp_path / "run"
-    process, started = start_and_wait_for_round_1(tiny_argv(tiny_model_dir, toy_csvs, out, rounds=20), out)
-    assert any("ray" in p.name() or "raylet" in p.name() or "gcs" in p.name() for p in started), [p.name() for p in started]
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    wait_for = round_1(out) if when == "round 1" else out / "checkpoints" / "run.json"
+    process, started = start_and_wait_for(tiny_argv(tiny_model_dir, toy_csvs, out, rounds=20), wait_for, log)
+    if when == "round 1":
+        assert any("ray" in p.name() or "raylet" in p.name() or "gcs" in p.name() for p in started), [p.name() for p in started]
 
     process.send_signal(sent)
     began = time.monotonic()
-    _, err = process.communicate(timeout=60)
+    process.wait(timeout=60)
 
     assert process.returncode == code
     assert time.monotonic() - began < 30
+    err = log.read_text()
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted after round ") and " of fedavg; resume with: " in last and last.endswith("--resume")
+    assert last.startswith(f"interrupted {progress}") and "; resume with: " in last and last.endswith("--resume")
     assert "Traceback" not in err
     deadline = time.monotonic() + 10  # the run's reaper kills them once the run has exited
     while alive(started) and time.monotonic() < deadline:
