@@ -105,12 +105,13 @@ class Completed:
     finished: bool  # the strategy's rounds are all done and its model folder is saved
 
 
-def scores_record(scores: Mapping[int, Scores]) -> dict[str, dict[str, object]]:
-    return {str(r): {d: s.to_record() for d, s in by_domain.items()} for r, by_domain in scores.items()}
+def scores_record(scores: Mapping[object, Scores]) -> dict[str, dict[str, object]]:
+    """Scores by round or by model name, as JSON (keys become strings)."""
+    return {str(key): {d: s.to_record() for d, s in by_domain.items()} for key, by_domain in scores.items()}
 
 
-def scores_from(record: Mapping[str, Mapping[str, object]]) -> dict[int, Scores]:
-    return {int(r): {d: Score.from_record(s) for d, s in by_domain.items()} for r, by_domain in record.items()}  # type: ignore[arg-type]
+def scores_from(record: Mapping[str, Mapping[str, object]]) -> dict[str, Scores]:
+    return {key: {d: Score.from_record(s) for d, s in by_domain.items()} for key, by_domain in record.items()}  # type: ignore[arg-type]
 
 
 class StrategyCheckpoint:
@@ -132,7 +133,7 @@ class StrategyCheckpoint:
         return Completed(
             int(state["round"]),  # type: ignore[call-overload]
             weights,
-            scores_from(state["scores"]),  # type: ignore[arg-type]
+            {int(r): scores for r, scores in scores_from(state["scores"]).items()},  # type: ignore[arg-type]
             dict(state["strategy"]),  # type: ignore[call-overload]
             bool(state.get("finished", False)),
         )
@@ -196,16 +197,15 @@ class RunFolder:
 
     def save_baselines(self, scores: Mapping[str, Scores], start: Mapping[str, torch.Tensor]) -> None:
         files.save_weights(self.out / CHECKPOINTS / "start.safetensors", start)
-        record = {name: {d: s.to_record() for d, s in by_domain.items()} for name, by_domain in scores.items()}
-        files.write_json(self.out / CHECKPOINTS / "baselines.json", {"run-hash": self.identity["hash"], "models": record})
+        record = {"run-hash": self.identity["hash"], "models": scores_record(scores)}
+        files.write_json(self.out / CHECKPOINTS / "baselines.json", record)
 
     def baselines(self) -> tuple[dict[str, Scores], dict[str, torch.Tensor]] | None:
         """The baselines' scores and the strategies' start, when an earlier run of this folder got that far."""
         path = self.out / CHECKPOINTS / "baselines.json"
         if not path.exists():
             return None
-        record = files.read_json(path)["models"]
-        scores = {name: {d: Score.from_record(s) for d, s in by_domain.items()} for name, by_domain in record.items()}  # type: ignore[union-attr]
+        scores = scores_from(files.read_json(path)["models"])  # type: ignore[arg-type]
         return scores, files.load_weights(self.out / CHECKPOINTS / "start.safetensors")
 
     def progress(self) -> str:
