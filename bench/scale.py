@@ -1,7 +1,10 @@
 """Benchmark: how many clients one Flower simulation of fedmerge takes on this machine, with the default base.
 
-Each case (a client count) runs FedAvg through ``fl.simulation.run_strategy`` in a child process (its own
-Ray, its own memory) with a tiny budget: 1 local step per client, small train/test sets, short sequences.
+Each case (a client count N, or N:K for K clients sampled per round) runs FedAvg through
+``fl.simulation.run_strategy`` in a child process (its own Ray, its own memory) with a tiny budget: 1 local step per
+client, small train/test sets, short sequences. FedAvg merges each reply as it arrives, so the driver's memory should
+not grow with N. The child also times one local training step alone (same model, data and thread count), so the
+steady round's time per client message minus that step is the framework's own cost per message.
 The parent samples the memory of the child and all its descendants (Ray's daemons and actors) every
 SAMPLE_S seconds from /proc: the sum of PSS (shared pages split between the processes that map them, so
 the sum is the tree's real footprint) and the sum of RSS (counts shared pages once per process). Each case
@@ -10,7 +13,7 @@ has a timeout after which the whole tree is killed; a case whose pre-flight esti
 parent records that line. Time per round comes from the central evaluator's timestamps (round 1 includes
 the actors' start-up; later rounds are the steady state).
 
-    python bench/scale.py [--clients 2,16,64] [--rounds 2] [--small] [--out FILE]
+    python bench/scale.py [--clients 2,100,1000:100] [--rounds 2] [--small] [--out FILE]
 """
 
 from __future__ import annotations
@@ -84,9 +87,10 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_case(clients: int, rounds: int, timeout: float) -> dict[str, object]:
+def run_case(clients: int, rounds: int, timeout: float, per_round: str = "all", rule: str = "fedavg") -> dict[str, object]:
     """Run one client count in a child process, sampling the tree's memory until it ends or times out."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(clients), "--rounds", str(rounds)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(clients), "--rounds", str(rounds),
+               "--per-round", per_round, "--rule", rule]
     available_before = mem_available()
     tick = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -108,6 +112,8 @@ def run_case(clients: int, rounds: int, timeout: float) -> dict[str, object]:
     stdout, stderr = child.communicate()
     case: dict[str, object] = {
         "clients": clients,
+        "clients_per_round": per_round,
+        "rule": rule,
         "rounds": rounds,
         "wall_s": round(time.perf_counter() - tick, 1),
         "exit_code": child.returncode,
@@ -141,7 +147,23 @@ def driver_holdings() -> dict[str, float]:
             "live_array_gib": round(sum(len(a.data) for a in arrays) / GIB, 2)}
 
 
-def child(clients: int, rounds: int) -> int:
+def one_step_s(bench, config) -> float:  # noqa: ANN001
+    """Seconds of one local training step of one client alone (the work a client message exists for)."""
+    from fl.client_app import ClientRole, training_set
+    from fl.training import train
+
+    data = training_set(config, ClientRole("bio", 0, config.clients_per_domain))
+    state = {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
+    times = []
+    for repeat in range(3):
+        tick = time.perf_counter()
+        train(bench.model, [("bio", data)], config.train_settings(), seed=repeat)
+        times.append(time.perf_counter() - tick)
+    bench.model.load_state_dict(state)
+    return min(times)
+
+
+def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
     """One simulation; prints one JSON line (per-round times) or, if it cannot fit, one error line and exits 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -159,22 +181,26 @@ def child(clients: int, rounds: int) -> int:
         max_length=16,
         rounds=rounds,
         local_steps=1,
+        clients_per_round=per_round,
     ).validate()
+    from strategies.rules import RULES, settings
+
     try:
-        estimate = check_fits(config)  # what fl.simulation.run_strategy should call before starting Ray
+        estimate = check_fits(config, streamed=RULES[rule].streams)  # as sims/bio_legal.py does before starting Ray
     except CapacityError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     import torch
 
-    from fl.baselines import FEDAVG, load_data, make_workbench
+    from fl.baselines import load_data, make_workbench
     from fl.rounds import CentralEvaluator
     from fl.simulation import run_strategy
 
     torch.set_num_threads(1)
     bench = make_workbench(config, resolve_model(config.model), load_data(config))
     start = {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
+    step_s = one_step_s(bench, config)
     calls: list[tuple[int, float, float]] = []
     held: list[dict[str, float]] = []
 
@@ -187,7 +213,7 @@ def child(clients: int, rounds: int) -> int:
             return result
 
     tick = time.perf_counter()
-    outcome = run_strategy(config, FEDAVG, start, TimedEvaluator(bench.model, bench.test_sets, "scale"))
+    outcome = run_strategy(config, settings([rule], {})[0], start, TimedEvaluator(bench.model, bench.test_sets, "scale"))
     total = time.perf_counter() - tick
     ends = {r: e for r, _, e in calls}
     round_s = [round(begin - ends[r - 1], 2) for r, begin, _ in calls if r > 0]
@@ -195,6 +221,9 @@ def child(clients: int, rounds: int) -> int:
         "simulation_s": round(total, 1),
         "round_s": round_s,  # previous evaluation's end to this round's evaluation (training + transport + merge)
         "replies_per_round": [len(h["clients"]) for h in outcome.client_history],
+        "one_step_s": round(step_s, 3),
+        # the last round is the steady state: its time x the actors, per message, minus the step itself
+        "framework_s_per_message": round(round_s[-1] * estimate.num_actors / len(outcome.client_history[-1]["clients"]) - step_s, 3),
         "driver_after_each_evaluation": held,
         "estimate_gib": round(estimate.peak_bytes / GIB, 2),
         "estimate_max_clients": estimate.max_clients,
@@ -202,20 +231,29 @@ def child(clients: int, rounds: int) -> int:
     return 0
 
 
+def case_of(text: str) -> tuple[int, str]:
+    """'N' (every client every round) or 'N:K' (K sampled per round)."""
+    clients, _, per_round = text.partition(":")
+    return int(clients), per_round or "all"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", default="2,16,64", help="comma-separated client counts (even: two domains)")
+    parser.add_argument("--clients", default="2,100,1000:100", help="comma-separated client counts N (even: two domains), or N:K to train K per round")
     parser.add_argument("--rounds", type=int, default=2, help="from round 2 on the driver holds two rounds of replies")
-    parser.add_argument("--timeout", type=float, help="seconds per case (default: 120 + 3 s per client-round)")
+    parser.add_argument("--timeout", type=float, help="seconds per case (default: 120 + 1 s per client message)")
     parser.add_argument("--budget", type=float, default=570, help="seconds for all cases: each timeout is cut to fit")
     parser.add_argument("--small", action="store_true", help="2 clients, 1 round (smoke test)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--refusal", action="store_true", help=f"also show the pre-flight refusal ({REFUSED_DEMO} clients, median: every reply held)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--per-round", default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--rule", default="fedavg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        sys.exit(child(args.child, args.rounds))
+        sys.exit(child(args.child, args.rounds, args.per_round, args.rule))
 
-    counts = [2] if args.small else [int(c) for c in args.clients.split(",")]
+    counts = [(2, "all")] if args.small else [case_of(c) for c in args.clients.split(",")]
     rounds = 1 if args.small else args.rounds
     started = time.perf_counter()
     report: dict[str, object] = {
@@ -225,15 +263,16 @@ def main() -> None:
         "memory_method": f"sum of PSS (and of RSS) over the child and all its descendants, sampled every {SAMPLE_S} s",
     }
     cases = []
-    for n in counts:
-        left = args.budget - (time.perf_counter() - started) - (0 if args.small else 20)  # 20 s kept for the refusal
-        timeout = min(args.timeout or 120 + 3 * n * rounds, left)
+    for n, per_round in counts:
+        left = args.budget - (time.perf_counter() - started) - (20 if args.refusal else 0)  # 20 s kept for the refusal
+        messages = (n if per_round == "all" else int(per_round)) * rounds + n  # + the roll call
+        timeout = min(args.timeout or 120 + messages, left)
         if timeout < 30:
             cases.append({"clients": n, "rounds": rounds, "skipped": f"no time left in the {args.budget:.0f} s budget"})
             continue
-        cases.append({**run_case(n, rounds, timeout), "timeout_s": timeout, "loadavg_after": os.getloadavg()})
-    if not args.small:
-        cases.append({**run_case(REFUSED_DEMO, rounds, 60), "timeout_s": 60, "loadavg_after": os.getloadavg()})
+        cases.append({**run_case(n, rounds, timeout, per_round), "timeout_s": timeout, "loadavg_after": os.getloadavg()})
+    if args.refusal:
+        cases.append({**run_case(REFUSED_DEMO, rounds, 60, rule="median"), "timeout_s": 60, "loadavg_after": os.getloadavg()})
     report["cases"] = cases
     report["loadavg_at_end"] = os.getloadavg()
     report["total_s"] = round(time.perf_counter() - started, 1)

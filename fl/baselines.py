@@ -23,7 +23,7 @@ from fl.batches import Encoded, encode
 from fl.config import RunConfig
 from fl.data import DataError, DomainData, load_domain
 from fl.evaluation import Score, evaluate, pooled_features
-from fl.model import MultiHeadEncoder, build_model, domain_keys, load_tokenizer, num_attention_heads
+from fl.model import MultiHeadEncoder, build_model, cpu_state, domain_keys, load_tokenizer, num_attention_heads
 from fl.probe import fit_probe
 from fl.statistics import client_statistic
 from fl.training import train
@@ -38,7 +38,8 @@ Scores = dict[str, Score]
 
 @dataclass
 class Workbench:
-    """Everything the phases share: data, tokenised sets, one model object reused for scoring."""
+    """Everything the phases share: data, tokenised sets, one model object on config.device reused for training and
+    scoring (the states that come out of it are CPU copies, ``cpu_state``)."""
 
     config: RunConfig
     model_path: str
@@ -86,7 +87,7 @@ def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainDat
     tokenizer = load_tokenizer(model_path)
     train_sets = {d: encode(tokenizer, v.train.texts, v.train.labels, config.max_length) for d, v in data.items()}
     test_sets = {d: encode(tokenizer, v.test.texts, v.test.labels, config.max_length) for d, v in data.items()}
-    model = build_model(model_path, {d: v.num_labels for d, v in data.items()}, config.seed)
+    model = build_model(model_path, {d: v.num_labels for d, v in data.items()}, config.seed, config.device)
     return Workbench(config, model_path, data, train_sets, test_sets, model, tokenizer)
 
 
@@ -96,7 +97,7 @@ def fit_base(bench: Workbench) -> tuple[State, Scores]:
     for domain, data in bench.train_sets.items():
         head = fit_probe(pooled_features(model, data), data.labels, model.heads[domain].out_features)
         model.heads[domain].load_state_dict(head.state_dict())
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = cpu_state(model)
     return state, bench.score(state)
 
 
@@ -116,7 +117,7 @@ def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, se
 
     tasks = [(d, bench.train_sets[d]) for d in domains]
     train(bench.model, tasks, bench.config.train_settings(steps=steps), seed, progress)
-    return {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
+    return cpu_state(bench.model)
 
 
 FEDAVG = settings(["fedavg"], {})[0]

@@ -25,6 +25,11 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Encoded:
+        """The examples at ``indices``: the same as encoding their texts alone (each text is tokenised on its own)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return Encoded(tuple(self.input_ids[i] for i in idx), self.labels[torch.from_numpy(idx)], self.pad_id)
+
 
 @dataclass(frozen=True)
 class Batch:

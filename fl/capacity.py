@@ -1,16 +1,16 @@
-"""Pre-flight memory check for a Flower simulation: refuse a client count that cannot fit, before any work.
+"""Pre-flight memory check for a Flower simulation: refuse a federation that cannot fit, before any work.
 
-In a simulation the ServerApp, the in-memory SuperLink and every reply live in the driver process. A round
-holds each client's reply (the encoder plus one head, float32) until all have arrived, and from the second
-round on the previous round's replies are still alive while the new ones arrive (Flower's ``Strategy.start``
-keeps them in a local variable until the next ``send_and_receive`` returns): two replies per client. The Ray
-actors (one per granted CPU share) each hold the libraries, a model with its gradients and AdamW state, and
-what their allocator keeps of the models rebuilt for every message. Past what the machine has, the kernel
-kills a process or Ray's memory monitor kills an actor mid-round. A rule whose clients send statistics makes
-each reply larger by them (a Fisher: one float per weight; Grams: in x in floats per linear layer), computed
-from the model's config like the weights. The constants were fitted, with margin, to
-the peak memory (PSS) of the whole process tree measured by ``bench/scale.py`` (MiniLM-L6, 2 actors; the
-estimate exceeds every measured peak by 0.5-1 GiB; see bench/README.md).
+In a simulation the ServerApp, the in-memory SuperLink and every reply live in the driver process. A rule that
+merges replies as they arrive (FedAvg, FedProx: ``strategies.streaming``) holds only the few in flight, whatever
+the number of clients; any other rule holds one round's replies (the K clients trained per round) until the round
+is complete, and drops them once merged. Besides those the driver keeps about three copies of the global model
+(the start, the current one, the last message that carried it). The Ray actors (one per granted CPU share) each
+hold the libraries, one model kept between messages with its gradients and AdamW state, and one tokenised copy
+of each domain they serve. Past what the machine has, the kernel kills a process or Ray's memory monitor kills an
+actor mid-round. A rule whose clients send statistics makes each reply larger by them (a Fisher: one float per
+weight; Grams: in x in floats per linear layer), computed from the model's config like the weights. The constants
+were fitted, with margin, to the peak memory (PSS) of the whole process tree measured by ``bench/scale.py``
+(MiniLM-L6, 2 actors; see bench/README.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ FIXED_BYTES = int(1.0 * GIB)  # driver with torch, transformers, flwr and ray im
 PER_ACTOR_BYTES = int(0.9 * GIB)  # a Ray actor's libraries, data caches and allocator growth over rounds
 ACTOR_MODEL_COPIES = 4.0  # per actor: received weights, model, gradients and AdamW's two moments
 REPLY_MODEL_COPIES = 1.1  # per reply held by the driver (measured: 1.05-1.1 model copies)
+GLOBAL_MODEL_COPIES = 3  # the driver's start, current and last-sent global model
+IN_FLIGHT_EXTRA = 2  # replies a streamed merge may hold beyond one per actor (pulled together, or out of order)
 HEADROOM = 0.85  # of the available memory; the rest is left to the page cache and to other processes' growth
 
 
@@ -41,13 +43,14 @@ class MemoryEstimate:
     model_bytes: int
     peak_bytes: int
     available_bytes: int
-    replies_held: int  # at the peak: one per client, two from the second round on
+    replies_held: int  # at the peak: the replies in flight (streamed merge) or one round's (any other rule)
+    streamed: bool  # every rule of the run merges replies as they arrive
     max_clients: int  # the largest client count whose estimate fits
 
     def describe(self) -> str:
         return (
             f"{self.num_clients} clients need about {self.peak_bytes / GIB:.1f} GiB "
-            f"({FIXED_BYTES / GIB:.1f} GiB base + {self.num_actors} actors + {self.replies_held} replies of "
+            f"({FIXED_BYTES / GIB:.1f} GiB base + {self.num_actors} actors + {self.replies_held} replies or global copies of "
             f"{self.model_bytes / 2**20:.0f} MiB)"
             f" and {HEADROOM:.0%} of the available memory is {HEADROOM * self.available_bytes / GIB:.1f} GiB"
         )
@@ -80,8 +83,11 @@ def available_memory() -> int:
     return available
 
 
-def replies_held(num_clients: int, rounds: int) -> int:
-    return num_clients * (2 if rounds > 1 else 1)
+def replies_held(per_round: int, num_actors: int, streamed: bool) -> int:
+    """Model-sized objects the driver holds at once: the global copies plus the replies in flight (a streamed
+    merge) or the round's replies (any other rule)."""
+    replies = min(per_round, num_actors + IN_FLIGHT_EXTRA) if streamed else per_round
+    return GLOBAL_MODEL_COPIES + replies
 
 
 def estimate_peak(replies: int, num_actors: int, model: int) -> int:
@@ -90,13 +96,17 @@ def estimate_peak(replies: int, num_actors: int, model: int) -> int:
 
 
 def check_fits(
-    config: RunConfig, model_path: str | None = None, available: int | None = None, statistics: tuple[str, ...] = ()
+    config: RunConfig,
+    model_path: str | None = None,
+    available: int | None = None,
+    statistics: tuple[str, ...] = (),
+    streamed: bool = False,
 ) -> MemoryEstimate:
     """Estimate the simulation's peak memory; raise CapacityError (one line) if it exceeds the headroom.
 
     Call it before loading data or weights (``model_path`` defaults to ``config.model``); ``available``
     defaults to what the machine has now; ``statistics`` are those the run's rules ask clients for (the
-    largest reply counts).
+    largest reply counts); ``streamed``: every rule of the run merges replies as they arrive.
     """
     path = model_path or resolve_model(config.model)
     model = max(model_bytes(path, statistic) for statistic in ("", *statistics))
@@ -104,10 +114,18 @@ def check_fits(
     cores = os.cpu_count() or 1
     actors = min(config.num_clients, cores)  # fl.simulation grants each client cores // min(clients, cores) CPUs
     budget = HEADROOM * free
-    held = replies_held(config.num_clients, config.rounds)
-    fixed = estimate_peak(0, cores, model)  # a large federation uses every core
-    max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * model * replies_held(1, config.rounds))))
-    found = MemoryEstimate(config.num_clients, actors, model, estimate_peak(held, actors, model), free, held, max_clients)
+    per_round = config.sampled_clients
+    held = replies_held(per_round, actors, streamed)
+    fixed = estimate_peak(GLOBAL_MODEL_COPIES, cores, model)  # a large federation uses every core
+    max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * model)))
+    found = MemoryEstimate(
+        num_clients=config.num_clients, num_actors=actors, model_bytes=model, peak_bytes=estimate_peak(held, actors, model),
+        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients,
+    )
     if found.peak_bytes > budget:
-        raise CapacityError(f"--clients-per-domain {config.clients_per_domain}: {found.describe()}; at most about {max_clients} clients fit")
+        option = f"--clients-per-round {config.clients_per_round}" if per_round < config.num_clients else f"--clients-per-domain {config.clients_per_domain}"
+        raise CapacityError(
+            f"{option}: {found.describe()}; at most about {max_clients} clients per round fit"
+            " (fedavg and fedprox merge replies as they arrive and need no more for more clients)"
+        )
     return found

@@ -39,6 +39,7 @@ def run_options(description: str) -> argparse.ArgumentParser:
     option("--rounds", type=int)
     option("--local-steps", "optimizer steps per client per round", type=int)
     option("--clients-per-domain", type=int)
+    option("--clients-per-round", "clients trained each round: all, a count K, or a fraction in (0, 1); drawn with --seed, every domain represented when K allows")
     option("--partition", "iid or dirichlet:ALPHA (within each domain)")
     option("--model", "Hugging Face id or local folder; 'default' = embedded MiniLM-L6")
     option("--bio-data", "'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
@@ -60,6 +61,7 @@ def run_options(description: str) -> argparse.ArgumentParser:
         "(global - F*update), noise:SIGMA:COUNT (trained + Gaussian noise), label-flip:COUNT (train on deranged labels); "
         "COUNT clients drawn with --seed attack, results.json names them",
     )
+    option("--device", "torch device of training and scoring: cpu, cuda, cuda:1...; refused when this machine lacks it")
     option("--seed", type=int)
     p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
     return p
@@ -106,21 +108,8 @@ def rule_settings(args: argparse.Namespace) -> list[RuleSetting]:
 
 
 def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:
-    """--training-seeds and --device, for the scripts that train experts across seeds without Flower."""
+    """--training-seeds, for the scripts that train experts across seeds without Flower (--device is run_options')."""
     p.add_argument("--training-seeds", default=offsets, help="comma-separated offsets added to each expert's training seed")
-    p.add_argument("--device", default="cpu", help="torch device for training and scoring: cpu, cuda, cuda:1...")
-
-
-def check_device(name: str) -> None:
-    """Refuse a device torch cannot parse or this machine lacks, before any weights load."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: expected a torch device such as cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA device torch can use")
 
 
 def parse_offsets(text: str) -> list[int]:

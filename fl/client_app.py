@@ -8,6 +8,9 @@ config (``statistic``: a diagonal Fisher or the Gram matrices of layer inputs, `
 ``query`` message, it tells its domain and its label names, so a server that holds no text can still build
 the heads. With ``attack`` in the run config, the clients it names poison their training replies (``fl.attacks``:
 a measurement tool, the server is not told who they are).
+
+In simulation a Ray actor serves many clients in turn, so what does not depend on the client is kept per process:
+each domain's split, tokenised once, with its partition, and one model that each message's weights are loaded into.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -58,32 +62,44 @@ def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientR
 
 
 def local_domain(config: RunConfig, role: ClientRole) -> DomainData:
+    return domain_source(config, role.domain)
+
+
+@lru_cache(maxsize=8)
+def domain_source(config: RunConfig, domain: str) -> DomainData:
+    """A domain's split, loaded once per process: every client of the domain that this actor serves shares it."""
     return load_domain(
-        role.domain,
-        config.domain_sources[role.domain],
+        domain,
+        config.domain_sources[domain],
         train_size=config.train_size,
         test_size=config.test_size,
         seed=config.seed,
         text_column=config.text_column,
         label_column=config.label_column,
+        group_column=config.group_column,
     )
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
+def encoded_domain(config: RunConfig, domain: str, num_partitions: int) -> tuple[Encoded, Encoded, list[np.ndarray]]:
+    """A domain's tokenised training and test sets and its partition, once per process (not once per client):
+    a client's message then costs only the slicing of its partition."""
+    data = domain_source(config, domain)
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    parts = partition(data.train.labels, num_partitions, config.partition, config.seed)
+    return (
+        encode(tokenizer, data.train.texts, data.train.labels, config.max_length),
+        encode(tokenizer, data.test.texts, data.test.labels, config.max_length),
+        parts,
+    )
+
+
 def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, int]:
     """This client's tokenised training partition, its domain's test set, and the domain's label count."""
-    data = local_domain(config, role)
-    parts = partition(data.train.labels, role.num_partitions, config.partition, config.seed)
-    own = data.train.subset(parts[role.partition_id])
-    tokenizer = load_tokenizer(resolve_model(config.model))
-    return (
-        encode(tokenizer, own.texts, own.labels, config.max_length),
-        encode(tokenizer, data.test.texts, data.test.labels, config.max_length),
-        data.num_labels,
-    )
+    train_all, test, parts = encoded_domain(config, role.domain, role.num_partitions)
+    return train_all.subset(parts[role.partition_id]), test, domain_source(config, role.domain).num_labels
 
 
-@lru_cache(maxsize=4)
 def training_set(config: RunConfig, role: ClientRole) -> Encoded:
     """The examples this client trains on: its partition, with deranged labels if --attack made it a label flipper."""
     train_data, _, num_labels = client_data(config, role)
@@ -109,9 +125,16 @@ def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels:
     sizes = head_sizes(state)
     if sizes.get(role.domain) != num_labels:
         raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
-    model = build_skeleton(resolve_model(config.model), sizes)
+    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device)
     model.load_state_dict(state)
     return model
+
+
+@lru_cache(maxsize=1)
+def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str) -> MultiHeadEncoder:
+    """One model per process, reloaded with each message's weights: building it from the config cost 0.3-0.6 s a
+    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards)."""
+    return build_skeleton(model_path, dict(sizes), device)
 
 
 def use_granted_threads() -> None:
@@ -185,10 +208,10 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.query()
     def query_handler(msg: Message, context: Context) -> Message:
         cfg, role = setup(context)
-        labels = list(local_domain(cfg, role).train.label_names)
-        content = RecordDict(
-            {"client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id, "labels": labels})}
-        )
+        client = ConfigRecord({"domain": role.domain, "partition-id": role.partition_id})
+        if not msg.content["config"].get("roll-call", False):  # a roll call only asks whom the node serves
+            client["labels"] = list(local_domain(cfg, role).train.label_names)
+        content = RecordDict({"client": client})
         return Message(content=content, reply_to=msg)
 
     return app

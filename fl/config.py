@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
 from fl.attacks import AttackSpec, client_name, draw_attackers, parse_attack
 from fl.training import SCHEDULES, TrainSettings
 from strategies.options import OptionError, parse_bool
@@ -41,6 +43,7 @@ class RunConfig:
     rounds: int = 4
     local_steps: int = 40  # per client per round; rounds x local_steps = each expert's budget
     clients_per_domain: int = 1
+    clients_per_round: str = "all"  # 'all', a count K, or a fraction in (0, 1): clients drawn with the seed each round
     partition: str = "iid"  # or 'dirichlet:ALPHA' (non-IID by label within a domain)
     freeze_word_embeddings: bool = True
     init: str = "shared"  # 'permuted': each client starts from its own functionally identical permutation of the base
@@ -49,6 +52,7 @@ class RunConfig:
     reply_timeout: float = 3600.0  # seconds the server waits for a round's replies, or for a lost node to come back
     on_node_loss: str = "fail"  # a node that drops mid-run: 'fail' the run naming it, or 'continue' with the rest
     attack: str = ""  # 'KIND:...:COUNT' clients send poisoned updates, to measure a rule's robustness (fl.attacks); '' = none
+    device: str = "cpu"  # torch device of client training and server evaluation: cpu, cuda, cuda:1...
     seed: int = 0
 
     @property
@@ -62,6 +66,15 @@ class RunConfig:
     @property
     def num_clients(self) -> int:
         return self.clients_per_domain * len(self.domain_sources)
+
+    @property
+    def sampled_clients(self) -> int:
+        """How many clients train each round: all of them, K, or the fraction's share (at least one)."""
+        text = self.clients_per_round.strip().lower()
+        if text == "all":
+            return self.num_clients
+        value = float(text)
+        return int(value) if value >= 1 else max(1, round(value * self.num_clients))
 
     def train_settings(self, steps: int | None = None, proximal_mu: float = 0.0) -> TrainSettings:
         return TrainSettings(
@@ -109,6 +122,8 @@ class RunConfig:
             raise ConfigError(f"--on-node-loss {self.on_node_loss}: expected one of {', '.join(NODE_LOSS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
+        check_clients_per_round(self.clients_per_round, self.num_clients)
+        check_device(self.device)
         try:
             parse_attack(self.attack, self.num_clients)
         except ValueError as error:
@@ -131,6 +146,35 @@ class RunConfig:
             default = getattr(cls(), name)
             values[name] = type(default)(value) if not isinstance(default, bool) else parse_bool(key, value)
         return replace(cls(), **values).validate()
+
+
+def check_clients_per_round(text: str, num_clients: int) -> None:
+    """'all', an integer 1..num_clients, or a fraction strictly between 0 and 1."""
+    expected = f"expected 'all', a count 1..{num_clients} (the clients), or a fraction between 0 and 1"
+    try:
+        value = float(text) if text.strip().lower() != "all" else None
+    except ValueError:
+        raise ConfigError(f"--clients-per-round {text}: {expected}") from None
+    if value is None:
+        return
+    if not math.isfinite(value) or value <= 0 or (value >= 1 and (value != int(value) or value > num_clients)):
+        raise ConfigError(f"--clients-per-round {text}: {expected}")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot parse, or an accelerator (or an index of one) this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: expected a torch device such as cpu, cuda or cuda:1") from None
+    backend = getattr(torch, device.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu: each counts its devices
+    available = all(hasattr(backend, f) for f in ("is_available", "device_count")) and backend.is_available()
+    count = backend.device_count() if available else 0
+    kind = device.type.upper()
+    if count == 0:
+        raise ConfigError(f"--device {name}: this machine has no {kind} device torch can use")
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"--device {name}: this machine has {count} {kind} device(s) torch can use: expected an index 0..{count - 1}")
 
 
 APP_OPTIONS = ("strategies", "out", "resume", "overwrite")  # run-config keys of the Flower app (pyproject.toml) that are not RunConfig fields

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fl import files
 from fl.checkpoint import RunFolder
 from fl.config import ConfigError, RunConfig
-from fl.model import build_model, check_model, load_tokenizer, save_merged
+from fl.model import build_model, check_model, cpu_state, load_tokenizer, save_merged
 from fl.phases import PhaseClock
 from fl.report import write_json
 from fl.rounds import run_on_grid
@@ -101,7 +101,7 @@ def run_federated(
         model_path = check_model(config.model, config.max_length)
         model = build_model(model_path, {d: len(v) for d, v in labels.items()}, config.seed)
         tokenizer = load_tokenizer(model_path)
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        start = cpu_state(model)
     curves: dict[str, list[dict[str, object]]] = {}
     strategies_json: dict[str, object] = {}
     for setting in strategies:

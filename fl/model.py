@@ -155,16 +155,16 @@ class MultiHeadEncoder(nn.Module):
         return self.heads[domain](self.embed(input_ids, attention_mask))
 
 
-def build_model(model_path: str, num_labels: Mapping[str, int], seed: int) -> MultiHeadEncoder:
-    """Load the pretrained encoder and attach freshly initialised heads (seeded)."""
+def build_model(model_path: str, num_labels: Mapping[str, int], seed: int, device: str = "cpu") -> MultiHeadEncoder:
+    """Load the pretrained encoder and attach freshly initialised heads (seeded, on the CPU), then move it to `device`."""
     torch.manual_seed(seed)
     encoder = AutoModel.from_pretrained(model_path)
-    return MultiHeadEncoder(encoder, num_labels).float()
+    return MultiHeadEncoder(encoder, num_labels).float().to(device)
 
 
-def build_skeleton(model_path: str, num_labels: Mapping[str, int]) -> MultiHeadEncoder:
-    """The architecture only (no weight file read): for a client that receives all weights in a message."""
-    return MultiHeadEncoder(AutoModel.from_config(AutoConfig.from_pretrained(model_path)), num_labels).float()
+def build_skeleton(model_path: str, num_labels: Mapping[str, int], device: str = "cpu") -> MultiHeadEncoder:
+    """The architecture only (no weight file read), on `device`: for a client that receives all weights in a message."""
+    return MultiHeadEncoder(AutoModel.from_config(AutoConfig.from_pretrained(model_path)), num_labels).float().to(device)
 
 
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
@@ -177,9 +177,16 @@ def domain_keys(state: Mapping[str, torch.Tensor], domain: str) -> list[str]:
     return [k for k in state if k.startswith("encoder.") or k.startswith(head)]
 
 
+def cpu_state(model: MultiHeadEncoder) -> dict[str, torch.Tensor]:
+    """A copy of every weight on the CPU, whatever the model's device: what leaves a model (a start, an expert, a
+    reply, a checkpoint) is CPU tensors, so strategies, records and files never see a GPU tensor."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def client_state(model: MultiHeadEncoder, domain: str) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    return {k: state[k].detach().clone() for k in domain_keys(state, domain)}
+    """The weights a client of `domain` sends (``domain_keys``), copied to the CPU."""
+    state = cpu_state(model)
+    return {k: state[k] for k in domain_keys(state, domain)}
 
 
 def save_merged(
@@ -193,7 +200,7 @@ def save_merged(
     out.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    heads = {k: v.detach().contiguous().clone() for k, v in model.heads.state_dict().items()}
+    heads = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.heads.state_dict().items()}
     save_file(heads, str(out / HEADS_FILE))
     meta = {"pooling": "mean", "domains": {d: {"labels": list(label_names[d])} for d in model.domains}}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))

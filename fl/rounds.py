@@ -94,6 +94,7 @@ def run_on_grid(
         continue_on_loss=config.on_node_loss == "continue",
         max_examples=config.local_steps * config.batch_size,
         max_eval_examples=config.test_size,
+        clients_per_round=config.sampled_clients,
     )
     done = checkpoint.load() if checkpoint is not None else None
     if done is not None:

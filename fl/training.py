@@ -124,6 +124,7 @@ def train(
             if on_step is not None:
                 on_step(step, domain, loss.item())
     model.eval()
+    model.zero_grad(set_to_none=True)  # a model kept between calls (a client actor's) must not keep a copy of gradients
     for param in model.parameters():
         param.requires_grad_(True)
     return report

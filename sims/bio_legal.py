@@ -8,6 +8,7 @@ curves.png and one merged-model folder per strategy to --out.
     python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
     python sims/bio_legal.py --strategies fedavg,ties,regmean --ties-density 0.1
     python sims/bio_legal.py --resume --out runs/bio_legal   # continue an interrupted run from its last round
+    python sims/bio_legal.py --ray-address HEAD:6379 --client-cpus 4   # clients on a running Ray cluster (docs/scale-out.md)
 
 Every completed round is checkpointed in --out; Ctrl-C or SIGTERM stops within seconds and prints the command
 that resumes. A folder that already holds results is never overwritten without --overwrite.
@@ -16,6 +17,7 @@ that resumes. A folder that already holds results is never overwritten without -
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 import time
@@ -26,6 +28,7 @@ from fl.environment import configure
 configure(sys.argv[1:])
 
 from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options  # noqa: E402
+from fl.config import RunConfig  # noqa: E402
 from fl.model import check_model  # noqa: E402
 
 
@@ -35,7 +38,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bio_legal", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed round")
     p.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints already in --out")
+    p.add_argument(
+        "--ray-address", default="", metavar="HOST:PORT",
+        help="a running Ray cluster to run the clients on, from one of its nodes (docs/scale-out.md) "
+        "(default %(default)r: RAY_ADDRESS if set, else a local Ray)",
+    )
+    p.add_argument(
+        "--client-cpus", type=int, default=0, metavar="N",
+        help="CPUs (and torch threads) each client reserves; 0 = this machine's cores split among the clients",
+    )
+    p.add_argument("--client-gpus", type=float, default=0.0, metavar="SHARE", help="GPU share each client reserves, e.g. 0.25 = four clients per GPU (default with --device cuda: 1/min(clients per round, 4))")
     return p.parse_args(argv)
+
+
+def gpu_share(config: RunConfig) -> float:
+    """The GPU share of each client with --device cuda and no --client-gpus: up to four clients on one GPU."""
+    return 0.0 if config.device == "cpu" else 1.0 / min(config.sampled_clients, 4)
 
 
 def resume_command(argv: list[str], out: str) -> str:
@@ -52,15 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     from fl.baselines import load_data
     from fl.capacity import check_fits
     from fl.checkpoint import RunFolder, check_out, run_identity
+    from fl.simulation import SimulationResources, check_resources, run_strategy
 
     try:
         config = build_config(args)
         strategies = rule_settings(args)
+        resources = SimulationResources(args.ray_address, args.client_cpus, args.client_gpus or gpu_share(config))
         identity = run_identity(config, strategies)
         check_out(Path(args.out), identity, args.resume, args.overwrite)
+        check_resources(resources, config.num_clients)  # the cluster is reachable and can host a client (a GPU if asked)
         model_path = check_model(config.model, config.max_length)
         statistics = tuple(s.rule.statistic.name for s in strategies if s.rule.statistic)
-        check_fits(config, str(model_path), statistics=statistics)  # too many clients for this machine: refuse now
+        streamed = all(s.rule.streams for s in strategies)
+        check_fits(config, str(model_path), statistics=statistics, streamed=streamed)  # too many clients for this machine: refuse now
         data = load_data(config)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(Path(args.out), identity)
     with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):
         folder.open(overwrite=args.overwrite)
-        run_experiment(config, model_path, data, strategies, folder, package_versions())
+        run_experiment(config, model_path, data, strategies, folder, package_versions(), functools.partial(run_strategy, resources=resources))
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")
     return 0
 

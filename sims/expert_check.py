@@ -26,7 +26,6 @@ from fl.cli import (  # noqa: E402
     INPUT_ERRORS,
     add_spread_options,
     build_config,
-    check_device,
     console_logging,
     parse_offsets,
     run_options,
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
         offsets = parse_offsets(args.training_seeds)
-        check_device(args.device)
         model_path = check_model(config.model, config.max_length)
         data = load_data(config)
     except INPUT_ERRORS as error:
@@ -62,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench = make_workbench(config, str(model_path), data)
-    bench.model.to(args.device)
     start, base = fit_base(bench)
     starts = {d: start_of_client(config, start, i * config.clients_per_domain) for i, d in enumerate(config.domains)}
     runs, spread = [], {}
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = f"# Experts across training seeds: {config.rounds * config.local_steps} steps each, data seed {config.seed}"
     (out / "expert_check.md").write_text(spread_markdown(header, spread))
-    write_json(out / "expert_check.json", {"config": config.to_record(), "device": args.device, "runs": runs})
+    write_json(out / "expert_check.json", {"config": config.to_record(), "device": config.device, "runs": runs})
     print((out / "expert_check.md").read_text())
     return 0
 

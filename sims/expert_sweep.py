@@ -32,7 +32,6 @@ from fl.cli import (  # noqa: E402
     INPUT_ERRORS,
     add_spread_options,
     build_config,
-    check_device,
     console_logging,
     parse_offsets,
     run_options,
@@ -83,7 +82,7 @@ EXPERT_CLAIMS = (
     "legal-expert loses bio",
     "bio-expert loses legal",
 )
-DATA_FIELDS = ("model", "bio_data", "legal_data", "text_column", "label_column", "group_column", "train_size", "test_size", "max_length", "seed")
+DATA_FIELDS = ("model", "bio_data", "legal_data", "text_column", "label_column", "group_column", "train_size", "test_size", "max_length", "seed", "device")  # a cached workbench holds its model on the device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,7 +136,7 @@ def relative_cost(config: RunConfig, reference: RunConfig) -> float:
 _BENCHES: dict[tuple[Any, ...], Any] = {}  # per worker process: data setting -> (workbench, start state, base scores)
 
 
-def run_job(config: RunConfig, model_path: str, offset: int, device: str, threads: int) -> dict[str, Any]:
+def run_job(config: RunConfig, model_path: str, offset: int, threads: int) -> dict[str, Any]:
     """Both experts of one setting and one training seed, scored; the base is cached per data setting."""
     import torch
 
@@ -149,7 +148,6 @@ def run_job(config: RunConfig, model_path: str, offset: int, device: str, thread
     key = tuple(getattr(config, f) for f in DATA_FIELDS)
     if key not in _BENCHES:
         bench = make_workbench(config, model_path, load_data(config))
-        bench.model.to(device)
         _BENCHES[key] = (bench, *fit_base(bench))
     bench, start, base = _BENCHES[key]
     bench.config = config
@@ -208,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         grid = settings(base, load_grid(args.grid))
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
-        check_device(args.device)
         model_path = check_model(base.model, max(config.max_length for _, config in grid))
         from fl.baselines import load_data
 
@@ -241,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, config, offset in jobs:
             if out_of_time():
                 break
-            record(name, config, run_job(config, model_path, offset, args.device, 0))
+            record(name, config, run_job(config, model_path, offset, 0))
     else:
         threads = 2  # a GPU worker needs a thread to launch kernels and one for the tokenizer and probes
         pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"))
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         while queue or pending:
             while queue and len(pending) < 2 * args.workers and not out_of_time():
                 name, config, offset = queue.pop(0)
-                pending[pool.submit(run_job, config, model_path, offset, args.device, threads)] = (name, config)
+                pending[pool.submit(run_job, config, model_path, offset, threads)] = (name, config)
             if out_of_time():
                 queue.clear()
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -267,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = sum(map(len, results.values()))
     header = (
         f"# Expert effects across training seeds, per setting ({finished} of {len(jobs)} jobs, "
-        f"training seeds +{', +'.join(map(str, offsets))}, data seed {base.seed}, device {args.device})"
+        f"training seeds +{', +'.join(map(str, offsets))}, data seed {base.seed}, device {base.device})"
     )
     (out / "expert_sweep.md").write_text(summary_markdown(results, costs, header))
     print((out / "expert_sweep.md").read_text())

@@ -9,6 +9,12 @@ nobody sent keep their global value. Replies are merged in the order of their cl
 so the same seed gives the same sums. The merged model is checked finite before it becomes the global one.
 Client evaluations are checked and averaged per domain.
 
+Cross-device scale: with ``clients_per_round`` K, each round trains K clients drawn with the seed and the round
+(``strategies.sampling``), every domain represented when K allows; a roll call (a query without data) first learns
+which client each node serves. A rule that is a weighted mean (FedAvg, FedProx) merges each reply as it arrives
+(``strategies.streaming``), so the server holds only the replies in flight; every rule empties the replies' arrays
+once merged, which Flower's loop would otherwise keep alive for another round.
+
 A resumed run starts Flower's loop again at its round 1: ``first_round`` shifts every round number the hooks
 see (and send to clients, whose seeds derive from it) to the real one, so round k + 1 of a resumed run is the
 round k + 1 of an uninterrupted one. ``state()`` / ``restore()`` carry what the strategy learned across that.
@@ -16,21 +22,26 @@ round k + 1 of an uninterrupted one. ``state()`` / ``restore()`` carry what the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from strategies.aggregation import UpdateError, all_finite
 from strategies.records import record_views
 from strategies.replies import ReplyPolicy, check_evaluation, check_own_head, client_identity, describe_client
-from strategies.rules import RuleSetting
+from strategies.rules import RuleSetting, check_client
+from strategies.sampling import sample_clients
+from strategies.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
 from strategies.update import ClientUpdate, MergeContext
 
+
+log = logging.getLogger(__name__)
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -52,13 +63,8 @@ def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> Metri
     return merged
 
 
-def bytes_sent(msg: Message) -> dict[str, int]:
-    """Bytes of every array record of a reply (weights, statistics), as they crossed the network."""
-    return {name: sum(len(array.data) for array in record.values()) for name, record in msg.content.array_records.items()}
-
-
 class RuleStrategy(FedAvg):
-    """Trains every client each round and merges their replies with ``setting``'s rule."""
+    """Trains every client (or K drawn with the seed) each round and merges their replies with ``setting``'s rule."""
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class RuleStrategy(FedAvg):
         num_heads: int | None = None,
         seed: int = 0,
         max_eval_examples: int | None = None,
+        clients_per_round: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -84,6 +91,10 @@ class RuleStrategy(FedAvg):
         self.seed = seed
         self.max_eval_examples = max_eval_examples  # a client's test split holds at most this many examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
+        self.clients_per_round = clients_per_round  # None: every client trains every round
+        self.streams = setting.rule.streams and setting.rule.statistic is None  # merge each reply as it arrives
+        self.stream: InOrderMean | None = None  # this round's streamed merge
+        self.sampled: list[str] = []  # the clients this round sent training to, when sampling
         self.global_state: dict[str, torch.Tensor] = {}
         self.client_history: list[dict[str, object]] = []
         self.client_evaluations: dict[int, dict[str, float]] = {}  # round -> per-domain means of client evaluations
@@ -111,14 +122,57 @@ class RuleStrategy(FedAvg):
         for entry in self.client_history:  # the history's "lost" lists are the policy's lists, as in aggregate_train
             entry["lost"] = self.policy.lost_nodes.setdefault(int(entry["round"]), entry["lost"])  # type: ignore[arg-type]
 
+    def start(self, grid: Grid, *args: object, **kwargs: object) -> Result:
+        """Flower's round loop, on a grid that hands each training reply to the streamed merge as it arrives."""
+        return super().start(ReplyStream(grid, self.on_reply), *args, **kwargs)  # type: ignore[arg-type]
+
+    def sampling(self) -> bool:
+        return self.clients_per_round is not None and self.clients_per_round < self.policy.num_nodes
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round = self.real_round(server_round)
         self.global_state = arrays.to_torch_state_dict()
         self.follow_policy()
-        self.policy.wait(grid, f"round {server_round}")
+        nodes = self.policy.wait(grid, f"round {server_round}")
         for key, value in self.setting.client_config().items():
             config[key] = value
-        return self.policy.sending(super().configure_train(server_round, arrays, config, grid))
+        self.stream, self.sampled = None, []
+        if not (self.sampling() or self.streams):
+            return self.policy.sending(super().configure_train(server_round, arrays, config, grid))
+        self.roll_call(grid, nodes, server_round)  # sampling by domain and merging in name order need every role
+        names = {node: self.policy.node_roles[node] for node in nodes if node in self.policy.node_roles}
+        chosen = sample_clients(names, self.clients_per_round or len(names), self.seed, server_round)
+        if self.sampling():
+            self.sampled = [names[node] for node in chosen]
+            log.info("round %d: training %d of %d clients: %s", server_round, len(chosen), len(names), ", ".join(self.sampled))
+        if self.streams:
+            self.stream = InOrderMean(sorted(names[node] for node in chosen), self.admit)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self.policy.sending(self._construct_messages(record, chosen, MessageType.TRAIN))
+
+    def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
+        """Ask the nodes whose client is not yet known which one they serve (a query without data)."""
+        unknown = [node for node in nodes if node not in self.policy.node_roles]
+        if not unknown:
+            return
+        record = RecordDict({"config": ConfigRecord({"roll-call": True})})
+        queries = [Message(record, dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
+        self.policy.sending(queries)
+        self.policy.usable(server_round, "roll call", list(grid.send_and_receive(queries, timeout=self.policy.reply_timeout)))
+
+    def on_reply(self, msg: Message) -> Message:
+        """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
+        if self.stream is None or msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
+            return msg
+        return self.stream.arrive(msg, client_identity(msg))
+
+    def admit(self, msg: Message) -> ClientUpdate:
+        """A training reply's update after every check the buffered merge would make."""
+        self.policy.check_role(msg)
+        update = self.client_update(msg)
+        check_client(self.global_state, update.state, update.weight, update.name)
+        return update
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round = self.real_round(server_round)
@@ -146,22 +200,31 @@ class RuleStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
         usable = sorted(self.policy.usable(server_round, "train", list(replies)), key=lambda m: client_identity(m) or "")
-        updates = [self.client_update(msg) for msg in usable]
         context = MergeContext(server_round, self.seed, self.num_heads)
         merged = dict(self.global_state)
-        merged.update(self.setting.merge(self.global_state, updates, context))
+        if self.stream is not None:
+            streamed, updates = self.stream.finish(client_identity(m) or "" for m in usable)
+            merged.update(streamed)
+        else:
+            updates = [self.client_update(msg) for msg in usable]
+            merged.update(self.setting.merge(self.global_state, updates, context))
         check_merged(server_round, merged, updates)
-        self.client_history.append(
-            {
-                "round": server_round,
-                "clients": [
-                    {"client": u.name, **dict(m.content["metrics"].items()), "bytes-sent": bytes_sent(m), **context.notes.get(u.name, {})}
-                    for u, m in zip(updates, usable)
-                ],
-                "lost": self.policy.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
-            }
-        )
+        entry: dict[str, object] = {
+            "round": server_round,
+            "clients": [
+                {"client": u.name, **dict(m.content["metrics"].items()), "bytes-sent": client_bytes(self.stream, m, u.identity), **context.notes.get(u.name, {})}
+                for u, m in zip(updates, usable)
+            ],
+            "lost": self.policy.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
+        }
+        if self.sampled:
+            entry["sampled"] = self.sampled
+        self.client_history.append(entry)
         metrics = self.train_metrics_aggr_fn([m.content for m in usable], self.weighted_by_key)
+        del updates
+        for msg in usable:  # Flower's loop keeps this round's replies until the next round's arrive
+            drop_arrays(msg)
+        self.stream = None
         return ArrayRecord(merged, keep_input=False), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -179,7 +242,7 @@ def check_magnitude(name: str, state: dict[str, torch.Tensor], limit: float) -> 
     """Refuse finite values so large that the weighted float32 sum of a round could overflow (1e36 passes every
     finiteness check; trained weights are of order 1)."""
     for key, value in state.items():
-        if value.is_floating_point() and value.numel() and (largest := float(value.abs().max())) > limit:
+        if value.is_floating_point() and value.numel() and (largest := max(abs(float(x)) for x in torch.aminmax(value))) > limit:
             raise UpdateError(f"{name}: key '{key}' holds values up to {largest:.3g}: expected at most {limit:.3g} in magnitude (a round's float32 sum could overflow)")
 
 
@@ -202,7 +265,8 @@ def make_strategy(
     continue_on_loss: bool = False,
     max_examples: int | None = None,
     max_eval_examples: int | None = None,
+    clients_per_round: int | None = None,
 ) -> RuleStrategy:
-    """The strategy of one run: ``setting``'s rule, its reply policy, every client trained each round."""
+    """The strategy of one run: ``setting``'s rule, its reply policy, every client (or K per round) trained."""
     policy = ReplyPolicy(num_clients, reply_timeout, continue_on_loss, max_examples)
-    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples)
+    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples, clients_per_round)

@@ -45,6 +45,7 @@ class Rule:
     client_options: Mapping[str, str] = field(default_factory=dict)  # option name -> train-config key sent to clients
     statistic: Statistic | None = None
     one_shot: bool = True  # whether merging two finished experts with it means something (FedProx's term is training-only)
+    streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.streaming)
 
     def key(self, option: Option) -> str:
         return f"{self.name}-{option.name}"
@@ -88,6 +89,7 @@ RULES: Mapping[str, Rule] = {
         Rule(
             "fedavg", average, "weighted mean of the clients' weights, key by key", "McMahan et al. 2017",
             "1 model copy (float32 sums)", "the reference; clients fine-tuned from one shared start",
+            streams=True,
         ),
         Rule(
             "fedprox", average, "FedAvg's merge; clients add mu/2 x their squared distance to the global weights to their loss", "Li et al. 2020",
@@ -95,6 +97,7 @@ RULES: Mapping[str, Rule] = {
             options=(Option("mu", float, 0.01, "weight of the clients' proximal term", 0.0, 1e4),),
             client_options={"mu": "proximal-mu"},
             one_shot=False,
+            streams=True,
         ),
         Rule(
             "aligned", aligned, "weight-match each client to the global model (heads, FFN units), then FedAvg",

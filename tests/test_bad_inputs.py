@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fl.config import ConfigError, RunConfig
+from fl.config import ConfigError, RunConfig, split_run_config
 from sims import bio_legal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,11 @@ CASES = [
     (["--head-lr", "nan"], {}, "--head-lr nan: expected a finite number > 0"),
     (["--lr", "0"], {}, "--lr 0.0: expected a finite number > 0"),
     (["--partition", "dirichlet:-1"], {}, "dirichlet:-1"),
-    (["--clients-per-domain", "400"], {}, "--clients-per-domain 400: 800 clients need about"),
+    (["--clients-per-domain", "400", "--strategies", "median"], {}, "--clients-per-domain 400: 800 clients need about"),
+    (["--clients-per-domain", "400", "--strategies", "ties", "--clients-per-round", "300"], {}, "--clients-per-round 300: 800 clients need about"),
+    (["--clients-per-round", "3"], {}, "--clients-per-round 3: expected 'all', a count 1..2"),
+    (["--device", "tpu9"], {}, "--device tpu9: expected a torch device such as cpu, cuda or cuda:1"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], {}, "--device cuda: this machine has no CUDA device torch can use")]),
     # merge rules and their options
     (["--strategies", "fedavg,bogus"], {}, "bogus"),
     (["--strategies", "fedavg,fedavg"], {}, "fedavg listed more than once"),
@@ -162,6 +167,36 @@ def test_bad_run_config_values_are_refused(record: dict[str, str], needle: str) 
         RunConfig.from_record(record)
 
     assert str(error.value) == needle
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_this_machine_lacks_is_refused_by_the_config_and_by_flowers_run_config(tmp_path: Path) -> None:
+    from fl.server_app import app_options
+
+    needle = "--device cuda: this machine has no CUDA device torch can use"
+    out = tmp_path / "out"
+
+    for refuse in [
+        lambda: RunConfig(device="cuda").validate(),
+        lambda: split_run_config({"device": "cuda", "rounds": 2}),
+        lambda: app_options({"device": "cuda", "strategies": "fedavg", "out": str(out)}),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            refuse()
+        assert str(error.value) == needle
+    assert not out.exists()
+
+
+def test_a_device_index_the_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    accepted = RunConfig(device="cuda:0").validate()
+    with pytest.raises(ConfigError) as error:
+        RunConfig(device="cuda:3").validate()
+
+    assert accepted.device == "cuda:0"
+    assert str(error.value) == "--device cuda:3: this machine has 1 CUDA device(s) torch can use: expected an index 0..0"
 
 
 def test_every_float_option_is_checked_for_finiteness() -> None:

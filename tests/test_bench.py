@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import os
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,11 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
         check_fits(config, str(default_model_path()), available=16 * 2**30)
     assert "\n" not in str(error.value)
     assert check_fits(replace(config, clients_per_domain=1), str(default_model_path()), available=16 * 2**30).num_clients == 2
+    # the driver's memory follows the replies it holds at once, not the client count
+    assert check_fits(config, str(default_model_path()), available=16 * 2**30, streamed=True).replies_held <= 3 + 2 + (os.cpu_count() or 1)
+    assert check_fits(replace(config, clients_per_round="50"), str(default_model_path()), available=16 * 2**30).replies_held == 53
+    with pytest.raises(CapacityError, match=r"^--clients-per-round 900: "):
+        check_fits(replace(config, clients_per_round="900"), str(default_model_path()), available=16 * 2**30)
 
 
 def test_replies_that_carry_statistics_are_counted_larger() -> None:

@@ -14,7 +14,8 @@ BASELINES = {"base", "bio-expert", "legal-expert", "multi-task", "one-shot-avera
 
 def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    argv = ["--quick", "--train-size", "64", "--test-size", "48", "--rounds", "2", "--local-steps", "1", "--out", str(out)]
+    argv = ["--quick", "--train-size", "64", "--test-size", "48", "--rounds", "2", "--local-steps", "1", "--out", str(out),
+            "--clients-per-domain", "2", "--clients-per-round", "3"]
 
     done = subprocess.run(
         [sys.executable, str(ROOT / "sims" / "bio_legal.py"), *argv],
@@ -32,5 +33,8 @@ def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> Non
         assert [r["round"] for r in rounds] == [0, 1, 2]
         assert all(0.0 <= r[d]["accuracy"] <= 1.0 for r in rounds for d in ["bio", "legal"])
         assert AutoModel.from_pretrained(out / name).config.hidden_size == 384
+        for entry in results["strategies"][name]["clients"]:  # 3 of the 4 clients trained, both domains among them
+            assert len(entry["sampled"]) == 3 and {c.split("-")[0] for c in entry["sampled"]} == {"bio", "legal"}
+            assert sorted(c["client"].split("(")[1].rstrip(")") for c in entry["clients"]) == sorted(entry["sampled"])
     assert "| fedprox |" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000

@@ -14,9 +14,10 @@ from sims import bio_legal
         (["--quick", "--local-st", "7"], {"local_steps": 7, "rounds": 2, "train_size": 240}),  # an abbreviation counts as given
         (["--quick", "--local-steps=9", "--rounds", "3"], {"local_steps": 9, "rounds": 3, "test_size": 160}),
         (["--local-st", "7"], {"local_steps": 7, "rounds": 4, "train_size": 2000}),
+        (["--device", "cpu", "--quick"], {"device": "cpu", "rounds": 2}),
     ],
 )
-def test_quick_fills_only_the_options_not_given(argv: list[str], expected: dict[str, int]) -> None:
+def test_quick_fills_only_the_options_not_given(argv: list[str], expected: dict[str, object]) -> None:
     config = build_config(bio_legal.parse_args(argv))
 
     assert {k: getattr(config, k) for k in expected} == expected

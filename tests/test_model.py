@@ -11,6 +11,7 @@ from fl.model import (
     build_model,
     check_model,
     client_state,
+    cpu_state,
     load_merged,
     load_tokenizer,
     max_positions,
@@ -35,6 +36,19 @@ def test_client_state_holds_encoder_and_only_own_head(tiny_model_dir: Path) -> N
 
     assert "heads.bio.weight" in state and "heads.legal.weight" not in state
     assert any(k.startswith("encoder.") for k in state)
+
+
+def test_states_leaving_the_model_are_cpu_copies_that_later_training_leaves_alone(tiny_model_dir: Path) -> None:
+    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0, device="cpu")
+
+    states = [cpu_state(model), client_state(model, "bio")]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+
+    for state in states:
+        assert all(v.device.type == "cpu" for v in state.values())
+        assert not torch.equal(state["heads.bio.weight"], model.heads["bio"].weight)
 
 
 def test_saved_model_loads_with_automodel_and_round_trips(tiny_model_dir: Path, tmp_path: Path) -> None:

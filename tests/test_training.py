@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from fl.batches import collate, encode
-from fl.model import build_model, load_tokenizer
+from fl.evaluation import evaluate
+from fl.model import build_model, cpu_state, load_tokenizer
 from fl.training import TrainSettings, train
 
 TEXTS = ["the heart is large", "the kidney fails", "a bone breaks", "the heart beats fast"] * 4
@@ -63,6 +64,26 @@ def test_frozen_word_embeddings_stay_put(tiny_model_dir: Path) -> None:
     train(model, [("bio", data)], TrainSettings(steps=2, batch_size=4, freeze_word_embeddings=True), seed=0)
 
     assert torch.equal(model.encoder.embeddings.word_embeddings.weight, before)
+
+
+def test_an_explicit_cpu_device_trains_and_scores_bit_for_bit_as_before(tiny_model_dir: Path) -> None:
+    from transformers import AutoModel
+
+    from fl.model import MultiHeadEncoder
+
+    settings = TrainSettings(steps=2, batch_size=4, proximal_mu=0.1)
+    _, data = tiny(tiny_model_dir)
+    torch.manual_seed(0)  # the model and the state copy as they were made before --device existed
+    before = MultiHeadEncoder(AutoModel.from_pretrained(str(tiny_model_dir)), {"bio": 3}).float()
+    on_cpu = build_model(str(tiny_model_dir), {"bio": 3}, seed=0, device="cpu")
+
+    reports = [train(model, [("bio", data)], settings, seed=0) for model in (before, on_cpu)]
+    scores = [evaluate(model, "bio", data) for model in (before, on_cpu)]
+    states = [{k: v.detach().clone() for k, v in before.state_dict().items()}, cpu_state(on_cpu)]
+
+    assert reports[0].losses == reports[1].losses and reports[0].proximal == reports[1].proximal
+    assert scores[0].loss == scores[1].loss and (scores[0].correct == scores[1].correct).all()
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:

@@ -1,0 +1,101 @@
+"""Cross-device scale: K of N clients per round, replies not kept after their merge, one data cache per domain."""
+
+import gc
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+from fl.baselines import fit_base, load_data, make_workbench
+from fl.client_app import ClientRole, client_data, encoded_domain
+from fl.rounds import CentralEvaluator
+from fl.simulation import run_strategy
+from strategies.rules import settings
+from strategies.sampling import client_order, sample_clients
+from tests.conftest import tiny_run_config
+
+NAMES = {node: f"{domain}-{part}" for node, (domain, part) in enumerate((d, p) for d in ("bio", "legal") for p in range(10))}
+
+
+def test_k_of_n_clients_are_drawn_reproducibly_with_every_domain_represented() -> None:
+    for server_round in range(1, 30):
+        chosen = sample_clients(NAMES, 3, seed=4, server_round=server_round)
+        assert chosen == sample_clients(dict(reversed(NAMES.items())), 3, seed=4, server_round=server_round)
+        assert len(set(chosen)) == 3
+        assert {NAMES[n].split("-")[0] for n in chosen} == {"bio", "legal"}
+    draws = {tuple(sample_clients(NAMES, 3, seed=4, server_round=r)) for r in range(1, 30)}
+    assert len(draws) > 10  # rounds differ
+    assert sample_clients(NAMES, 3, 4, 1) != sample_clients(NAMES, 3, 5, 1) or sample_clients(NAMES, 3, 4, 2) != sample_clients(NAMES, 3, 5, 2)
+    assert sample_clients(NAMES, 1, 0, 1)[0] in NAMES  # K below the domains: any one client
+    assert sample_clients(NAMES, 20, 0, 1) == sorted(NAMES, key=lambda n: client_order(NAMES[n]))
+
+
+def test_a_fraction_of_the_clients_is_rounded_and_never_zero(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]) -> None:
+    config = tiny_run_config(tiny_model_dir, toy_csvs, clients_per_domain=10)
+    assert replace(config, clients_per_round="0.25").sampled_clients == 5
+    assert replace(config, clients_per_round="0.01").sampled_clients == 1
+    assert replace(config, clients_per_round="7").sampled_clients == 7
+    assert config.sampled_clients == 20
+
+
+def test_clients_of_one_domain_share_one_tokenised_copy_of_it(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]) -> None:
+    config = tiny_run_config(tiny_model_dir, toy_csvs, clients_per_domain=3, seed=11)
+    encoded_domain.cache_clear()
+    parts = [client_data(config, ClientRole("bio", p, 3))[0] for p in range(3)]
+    assert encoded_domain.cache_info().misses == 1 and encoded_domain.cache_info().hits == 2
+    assert sum(len(p) for p in parts) == config.train_size
+    assert len({ids for p in parts for ids in p.input_ids}) >= config.train_size // 2  # partitions, not copies
+
+
+class LiveArrays(CentralEvaluator):
+    """Scores as usual and records the bytes of every flwr Array the driver still references after each round."""
+
+    live: dict[int, int]
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        gc.collect()
+        self.live = getattr(self, "live", {})
+        self.live[server_round] = sum(len(o.data) for o in gc.get_objects() if isinstance(o, Array))
+        return super().__call__(server_round, arrays)
+
+
+@pytest.fixture(scope="module")
+def twelve_clients(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
+    config = tiny_run_config(tiny_model_dir, toy_csvs, clients_per_domain=6, local_steps=1)
+    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
+    start, base_scores = fit_base(bench)
+    model_bytes = sum(t.numel() * t.element_size() for t in start.values())
+    return config, bench, start, base_scores, model_bytes
+
+
+@pytest.mark.parametrize(("rule", "per_round"), [("fedavg", "all"), ("median", "5")])
+def test_the_driver_keeps_no_reply_after_its_round(twelve_clients, rule: str, per_round: str) -> None:
+    """12 clients: holding one round's replies would be 12 (or 5) model copies; the global model and the
+    messages that carried it are 2-3. FedAvg merges each reply as it arrives; the median holds its 5."""
+    config, bench, start, base_scores, model_bytes = twelve_clients
+    config = replace(config, clients_per_round=per_round)
+    evaluator = LiveArrays(bench.model, bench.test_sets, rule, initial_scores=base_scores)
+
+    outcome = run_strategy(config, settings([rule], {})[0], start, evaluator)
+
+    assert sorted(evaluator.live) == [0, 1, 2]
+    assert max(evaluator.live[r] for r in (1, 2)) <= 4 * model_bytes, {r: b / model_bytes for r, b in evaluator.live.items()}
+    expected = 12 if per_round == "all" else 5
+    assert [len(h["clients"]) for h in outcome.client_history] == [expected, expected]
+
+
+def test_k_clients_train_per_round_as_drawn_and_results_list_them(twelve_clients) -> None:
+    config, bench, start, base_scores, _ = twelve_clients
+    config = replace(config, clients_per_round="3")
+    evaluator = CentralEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)
+
+    outcome = run_strategy(config, settings(["fedavg"], {})[0], start, evaluator)
+
+    names = {i: f"{d}-{p}" for i, (d, p) in enumerate((d, p) for d in config.domains for p in range(config.clients_per_domain))}
+    for entry in outcome.client_history:
+        drawn = [names[n] for n in sample_clients(names, 3, config.seed, int(entry["round"]))]
+        assert entry["sampled"] == drawn
+        assert sorted(c["client"].split("(")[1].rstrip(")") for c in entry["clients"]) == sorted(drawn)
+        assert {name.split("-")[0] for name in drawn} == {"bio", "legal"}
+    assert sorted(evaluator.history) == [0, 1, 2]  # the server still scores every domain each round
