@@ -211,6 +211,10 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
             metrics[f"bench-{name}"] = spent.get(name, 0.0)
         return reply
 
+    @app.query()
+    def query_handler(msg, context):  # noqa: ANN001, ANN202  (the server's roll call: whom this node serves)
+        return fl.client_app.make_client_app(config)(msg, context)
+
     return app
 
 

@@ -158,7 +158,7 @@ class ReplyPolicy:
         for node, reason in losses:
             self.lost_nodes.setdefault(server_round, []).append({"stage": stage, "node": node, "reason": reason})
             log.warning("round %d %s: lost %s (%s); continuing with %d clients", server_round, stage, node, reason, remaining)
-        self.num_nodes = min(self.num_nodes, remaining)
+        self.num_nodes -= len(losses)  # not `remaining`: a sampled round asked only some of the nodes
 
     def claimed_examples(self, msg: Message) -> float:
         """A reply's averaging weight, refused when no client could have trained on that many examples."""
