@@ -78,6 +78,7 @@ def run_on_grid(
     initial_state: Mapping[str, torch.Tensor],
     evaluator: CentralEvaluator | None,
     checkpoint: StrategyCheckpoint | None = None,
+    in_flight: int | None = None,
 ) -> StrategyOutcome:
     """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails.
 
@@ -95,6 +96,7 @@ def run_on_grid(
         max_examples=config.local_steps * config.batch_size,
         max_eval_examples=config.test_size,
         clients_per_round=config.sampled_clients,
+        in_flight=in_flight,
     )
     done = checkpoint.load() if checkpoint is not None else None
     if done is not None:
@@ -138,6 +140,7 @@ def make_server_app(
     evaluator: CentralEvaluator,
     outcome: StrategyOutcome,
     checkpoint: StrategyCheckpoint | None = None,
+    in_flight: int | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process)."""
     app = ServerApp()
@@ -145,7 +148,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_on_grid(grid, config, setting, initial_state, evaluator, checkpoint)
+            done = run_on_grid(grid, config, setting, initial_state, evaluator, checkpoint, in_flight)
         except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
             outcome.error = error
             raise

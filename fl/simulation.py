@@ -161,6 +161,15 @@ def check_resources(resources: SimulationResources, num_clients: int) -> None:
         raise ConfigError(f"--client-gpus {client['num_gpus']:g}: this machine has no GPU that torch can use")
 
 
+def messages_in_flight(client: Mapping[str, float]) -> int:
+    """How many client messages to keep in flight: two per actor the running Ray can host, so no actor waits and
+    Flower's engine does not queue (and hold in memory) the messages of every client at once."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return 2 * max(1, int(cpus // max(client["num_cpus"], 1e-9)))
+
+
 def run_strategy(
     config: RunConfig,
     setting: RuleSetting,
@@ -175,7 +184,6 @@ def run_strategy(
     address = resources.validate().cluster_address()
     client = resources.client_resources(config.num_clients)
     outcome = StrategyOutcome()
-    server = make_server_app(config, setting, initial_state, evaluator, outcome, checkpoint)
     backend = {"client_resources": client, "init_args": init_args(address)}
     start_ray(backend["init_args"], address)
     try:
@@ -183,6 +191,7 @@ def run_strategy(
     except ConfigError:
         ray.shutdown()
         raise
+    server = make_server_app(config, setting, initial_state, evaluator, outcome, checkpoint, messages_in_flight(client))
     try:
         run_simulation(
             server_app=server,

@@ -76,6 +76,7 @@ class RuleStrategy(FedAvg):
         seed: int = 0,
         max_eval_examples: int | None = None,
         clients_per_round: int | None = None,
+        in_flight: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -92,6 +93,7 @@ class RuleStrategy(FedAvg):
         self.max_eval_examples = max_eval_examples  # a client's test split holds at most this many examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
         self.clients_per_round = clients_per_round  # None: every client trains every round
+        self.in_flight = in_flight  # messages sent ahead of their replies (simulation: a few per actor); None: all
         self.streams = setting.rule.streams and setting.rule.statistic is None  # merge each reply as it arrives
         self.stream: InOrderMean | None = None  # this round's streamed merge
         self.sampled: list[str] = []  # the clients this round sent training to, when sampling
@@ -124,9 +126,10 @@ class RuleStrategy(FedAvg):
 
     def start(self, grid: Grid, *args: object, **kwargs: object) -> Result:
         """Flower's round loop, on a grid that hands each training reply to the streamed merge as it arrives."""
-        return super().start(ReplyStream(grid, self.on_reply), *args, **kwargs)  # type: ignore[arg-type]
+        return super().start(ReplyStream(grid, self.on_reply, self.in_flight), *args, **kwargs)  # type: ignore[arg-type]
 
     def sampling(self) -> bool:
+        """Whether this round trains only some of the nodes still expected."""
         return self.clients_per_round is not None and self.clients_per_round < self.policy.num_nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -145,8 +148,9 @@ class RuleStrategy(FedAvg):
         if self.sampling():
             self.sampled = [names[node] for node in chosen]
             log.info("round %d: training %d of %d clients: %s", server_round, len(chosen), len(names), ", ".join(self.sampled))
+        chosen.sort(key=lambda node: names[node])  # sent in the order they are merged in: few replies wait for others
         if self.streams:
-            self.stream = InOrderMean(sorted(names[node] for node in chosen), self.admit)
+            self.stream = InOrderMean([names[node] for node in chosen], self.admit)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self.policy.sending(self._construct_messages(record, chosen, MessageType.TRAIN))
@@ -266,7 +270,8 @@ def make_strategy(
     max_examples: int | None = None,
     max_eval_examples: int | None = None,
     clients_per_round: int | None = None,
+    in_flight: int | None = None,
 ) -> RuleStrategy:
     """The strategy of one run: ``setting``'s rule, its reply policy, every client (or K per round) trained."""
     policy = ReplyPolicy(num_clients, reply_timeout, continue_on_loss, max_examples)
-    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples, clients_per_round)
+    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples, clients_per_round, in_flight)

@@ -24,27 +24,39 @@ from strategies.update import ClientUpdate
 
 
 class ReplyStream:
-    """A Grid whose ``send_and_receive`` passes every reply through ``on_reply`` as soon as it is pulled; every
-    other attribute is the wrapped grid's."""
+    """A Grid whose ``send_and_receive`` passes every reply through ``on_reply`` as soon as it is pulled, and keeps
+    at most ``window`` messages in flight (None: all at once); every other attribute is the wrapped grid's.
 
-    def __init__(self, grid: Grid, on_reply: Callable[[Message], Message]) -> None:
+    The window is for simulation, where a few actors serve every client: Flower's engine moves every pushed
+    message into its own queue at once, and with 1,000 clients that queue held 9.8 GiB in the driver (measured).
+    A deployment's nodes train in parallel, so it sends everything at once.
+    """
+
+    def __init__(self, grid: Grid, on_reply: Callable[[Message], Message], window: int | None = None) -> None:
         self.grid = grid
         self.on_reply = on_reply
+        self.window = window
         self.pull_interval = float(getattr(grid, "pull_interval", 1.0))  # the in-memory grid polls every 0.1 s
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        waiting = set(self.grid.push_messages(messages))
+        queued = list(messages)
+        limit = self.window or max(1, len(queued))
+        waiting: set[str] = set()
         deadline = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
-        while timeout is None or time.time() < deadline:
+        while True:
+            if queued and len(waiting) < limit:  # top the window up
+                batch, queued = queued[: limit - len(waiting)], queued[limit - len(waiting) :]
+                waiting.update(self.grid.push_messages(batch))
             arrived = list(self.grid.pull_messages(waiting))
             for reply in arrived:
                 waiting.discard(reply.metadata.reply_to_message_id)
                 replies.append(self.on_reply(reply))
             del arrived
-            if not waiting:
+            if not waiting and not queued or (timeout is not None and time.time() >= deadline):
                 break
-            time.sleep(self.pull_interval)
+            if len(waiting) >= limit or not queued:
+                time.sleep(self.pull_interval)
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -90,7 +90,7 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
     assert "\n" not in str(error.value)
     assert check_fits(replace(config, clients_per_domain=1), str(default_model_path()), available=16 * 2**30).num_clients == 2
     # the driver's memory follows the replies it holds at once, not the client count
-    assert check_fits(config, str(default_model_path()), available=16 * 2**30, streamed=True).replies_held <= 3 + 2 + (os.cpu_count() or 1)
+    assert check_fits(config, str(default_model_path()), available=16 * 2**30, streamed=True).replies_held <= 3 + 2 + 16 + (os.cpu_count() or 1)
     assert check_fits(replace(config, clients_per_round="50"), str(default_model_path()), available=16 * 2**30).replies_held == 53
     with pytest.raises(CapacityError, match=r"^--clients-per-round 900: "):
         check_fits(replace(config, clients_per_round="900"), str(default_model_path()), available=16 * 2**30)
