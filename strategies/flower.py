@@ -163,7 +163,8 @@ class RuleStrategy(FedAvg):
         record = RecordDict({"config": ConfigRecord({"roll-call": True})})
         queries = [Message(record, dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
         self.policy.sending(queries)
-        self.policy.usable(server_round, "roll call", list(grid.send_and_receive(queries, timeout=self.policy.reply_timeout)))
+        unwindowed = getattr(grid, "grid", grid)  # queries carry no weights: all at once, past the ReplyStream's window
+        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=self.policy.reply_timeout)))
 
     def on_reply(self, msg: Message) -> Message:
         """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
