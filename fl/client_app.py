@@ -61,10 +61,6 @@ def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientR
     return ClientRole(domain, part, config.clients_per_domain)
 
 
-def local_domain(config: RunConfig, role: ClientRole) -> DomainData:
-    return domain_source(config, role.domain)
-
-
 @lru_cache(maxsize=8)
 def domain_source(config: RunConfig, domain: str) -> DomainData:
     """A domain's split, loaded once per process: every client of the domain that this actor serves shares it."""
@@ -210,7 +206,7 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
         cfg, role = setup(context)
         client = ConfigRecord({"domain": role.domain, "partition-id": role.partition_id})
         if not msg.content["config"].get("roll-call", False):  # a roll call only asks whom the node serves
-            client["labels"] = list(local_domain(cfg, role).train.label_names)
+            client["labels"] = list(domain_source(cfg, role.domain).train.label_names)
         content = RecordDict({"client": client})
         return Message(content=content, reply_to=msg)
 

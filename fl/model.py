@@ -184,9 +184,9 @@ def cpu_state(model: MultiHeadEncoder) -> dict[str, torch.Tensor]:
 
 
 def client_state(model: MultiHeadEncoder, domain: str) -> dict[str, torch.Tensor]:
-    """The weights a client of `domain` sends (``domain_keys``), copied to the CPU."""
-    state = cpu_state(model)
-    return {k: state[k] for k in domain_keys(state, domain)}
+    """The weights a client of `domain` sends (``domain_keys``), copied to the CPU (only those: a reply per message)."""
+    state = model.state_dict()
+    return {k: state[k].detach().to("cpu", copy=True) for k in domain_keys(state, domain)}
 
 
 def save_merged(
