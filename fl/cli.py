@@ -67,11 +67,13 @@ def run_options(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_rule_options(p: argparse.ArgumentParser) -> None:
-    """--strategies and one flag per option of every merge rule, from the rules' own declarations."""
+def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", default: str = "fedavg,fedprox") -> None:
+    """`flag` (the rules to run, parsed into ``args.strategies``) and one flag per option of every merge rule, from
+    the rules' own declarations."""
     p.add_argument(
-        "--strategies",
-        default="fedavg,fedprox",
+        flag,
+        dest="strategies",
+        default=default,
         help=f"comma-separated merge rules ({', '.join(RULES)}); a variant takes options inline: ties:density=0.1:lambda=2",
     )
     group = p.add_argument_group("merge-rule options", "each applies to its rule only (README: table of rules)")

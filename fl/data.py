@@ -154,6 +154,31 @@ def load_source(source: str, text_column: str = "text", label_column: str = "lab
     return _from_dataset(source, dataset, columns)
 
 
+def unlabelled_texts(source: str, text_column: str = "text") -> tuple[str, ...]:
+    """Texts without labels (distillation's transfer set): a .txt file holds one per line, a .csv/.jsonl/.json file
+    one per row in ``text_column``; empty texts are dropped, none left is an error."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", *FILE_FORMATS):
+        raise DataError(f"unlabelled text {source!r}: expected a file ending in .txt, {', '.join(FILE_FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"unlabelled text file {source!r} does not exist")
+    if suffix == ".txt":
+        texts = path.read_text().splitlines()
+    else:
+        check_file(source, path.read_bytes(), suffix)
+        import datasets
+
+        dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
+        if text_column not in dataset.column_names:
+            raise DataError(f"unlabelled text file {source!r} has no column {text_column!r}; columns: {', '.join(dataset.column_names)}")
+        texts = [str(t) for t in dataset[text_column] if t is not None]
+    kept = tuple(t for t in (t.strip() for t in texts) if t)
+    if not kept:
+        raise DataError(f"unlabelled text file {source!r} holds no text; expected at least one non-empty line or row")
+    return kept
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 

@@ -20,6 +20,7 @@ from fl.data import DomainData
 from fl.model import num_attention_heads, save_merged
 from fl.permuted_init import client_seed, permuted_copy
 from fl.phases import PhaseClock
+from fl.repair import repair, repaired_name
 from fl.report import effects, effects_json, markdown, plot_curves, table_row, versus, write_json
 from fl.rounds import CentralEvaluator, StrategyOutcome
 from fl.simulation import run_strategy
@@ -87,8 +88,10 @@ def run_experiment(
     folder: RunFolder,
     versions: Mapping[str, str],
     runner: StrategyRunner = run_strategy,
+    repair_steps: int = 0,
 ) -> dict[str, object]:
-    """All phases; `runner` runs one strategy (a local Flower simulation by default, or a given Grid).
+    """All phases; `runner` runs one strategy (a local Flower simulation by default, or a given Grid); with
+    `repair_steps`, each strategy's final model is then repaired by distilling the experts into it (fl.repair).
 
     What `folder` holds from an earlier, interrupted run of the same configuration is read back (baselines,
     finished strategies) or continued from its last completed round (a strategy's checkpoint).
@@ -132,16 +135,25 @@ def run_experiment(
             save_merged(bench.model, bench.tokenizer, out / name, bench.label_names)
             checkpoint.finish()
 
+    repaired: dict[str, object] = {}
+    if repair_steps:
+        with clock.phase(f"repair: distil the experts into {', '.join(names)} ({repair_steps} steps each)"):
+            scores, repaired = repair(bench, out, names, repair_steps, config.seed)
+            models.update(scores)
+    repaired_rows = [repaired_name(n) for n in names] if repaired else []
+
     with clock.phase("report"):
         own_experts = {d: models[f"{d}-expert"][d] for d in domains}
-        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *names]
+        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *names, *repaired_rows]
         rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
-        found = effects(models, domains, [*one_shots, *names], config.seed)
-        compared = versus(models, domains, against_fedavg(names, one_shots), config.seed)
+        found = effects(models, domains, [*one_shots, *names, *repaired_rows], config.seed)
+        pairs = against_fedavg(names, one_shots) + [(repaired_name(n), n) for n in names if repaired]
+        compared = versus(models, domains, pairs, config.seed)
         header = (
             f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
             f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
             + (f", attack {config.attack} by {', '.join(config.attackers())}" if config.attack else "")
+            + (f", repaired by {repair_steps} distillation steps" if repair_steps else "")
         )
         files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes={d: (len(v.train), len(v.test)) for d, v in data.items()}))
         plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in names}, domains)
@@ -156,7 +168,8 @@ def run_experiment(
             d: {"labels": list(v.train.label_names), "train-examples": len(v.train), "test-examples": len(v.test)}
             for d, v in data.items()
         },
-        "baselines": {n: scores_json(models[n]) for n in row_names if n not in names},
+        "baselines": {n: scores_json(models[n]) for n in row_names if n not in names and n not in repaired_rows},
+        "repair": {**repaired, "scores": {n: scores_json(models[n]) for n in repaired_rows}} if repaired else {},
         "strategies": {
             n: {
                 "rounds": [{"round": r, **scores_json(s)} for r, s in sorted(curves[n].items())],

@@ -144,6 +144,7 @@ def markdown(
     header: str,
     compared: Sequence[Effect] = (),
     sizes: Mapping[str, tuple[int, int]] | None = None,
+    compared_title: str = "against FedAvg / the one-shot average",
 ) -> str:
     """The table, its effects and comparisons; ``sizes`` (train, test examples per domain) adds what they mean for
     precision."""
@@ -156,13 +157,12 @@ def markdown(
         "",
         "Accuracy in %, normalised accuracy as a ratio in %; [95% bootstrap interval over test examples].",
         *(["", sizes_line(sizes)] if sizes else []),
-        "",
-        "| effect | difference (points) [paired 95% interval] | holds beyond noise |",
-        "|---|---|---|",
     ]
-    lines += [f"| {e.claim} | {_fmt(e.difference)} | {'yes' if e.holds else 'no'} |" for e in found]
+    if found:
+        lines += ["", "| effect | difference (points) [paired 95% interval] | holds beyond noise |", "|---|---|---|"]
+        lines += [f"| {e.claim} | {_fmt(e.difference)} | {'yes' if e.holds else 'no'} |" for e in found]
     if compared:
-        lines += ["", "| against FedAvg / the one-shot average | difference (points) [paired 95% interval] | beyond noise |", "|---|---|---|"]
+        lines += ["", f"| {compared_title} | difference (points) [paired 95% interval] | beyond noise |", "|---|---|---|"]
         lines += [f"| {e.claim} | {_fmt(e.difference)} | {e.verdict} |" for e in compared]
     return "\n".join(lines) + "\n"
 
@@ -234,6 +234,24 @@ def plot_curves(
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy")
         ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with files.replaced(path) as temporary:
+        fig.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
+    plt.close(fig)
+
+
+def plot_scores(path: Path, models: Mapping[str, Scores], domains: Sequence[str]) -> None:
+    """Accuracy of every model on every domain as grouped bars (one-shot studies have no rounds to plot)."""
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.2))
+    width = 0.8 / len(domains)
+    for i, domain in enumerate(domains):
+        xs = np.arange(len(names)) + (i - (len(domains) - 1) / 2) * width
+        ax.bar(xs, [models[n][domain].accuracy for n in names], width, label=domain)
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with files.replaced(path) as temporary:
         fig.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))

@@ -7,6 +7,7 @@ curves.png and one merged-model folder per strategy to --out.
     python sims/bio_legal.py              # embedded default (MiniLM-L6, HPO vs licences), 7-12 min on 2 cores
     python sims/bio_legal.py --quick      # a small smoke run, about 1.5 min
     python sims/bio_legal.py --strategies fedavg,ties,regmean --ties-density 0.1
+    python sims/bio_legal.py --repair distill:80   # then distil the experts into each strategy's model (FedDF)
     python sims/bio_legal.py --resume --out runs/bio_legal   # continue an interrupted run from its last round
     python sims/bio_legal.py --ray-address HEAD:6379 --client-cpus 4   # clients on a running Ray cluster (docs/scale-out.md)
 
@@ -47,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--client-cpus", type=int, default=0, metavar="N",
         help="CPUs (and torch threads) each client reserves; 0 = this machine's cores split among the clients",
     )
+    p.add_argument(
+        "--repair", default="", metavar="distill:STEPS",
+        help="after the rounds, distil the experts (each on its domain) into every strategy's model on the training texts "
+        "without labels (FedDF); adds '<strategy>+distill' rows",
+    )
     p.add_argument("--client-gpus", type=float, default=0.0, metavar="SHARE", help="GPU share each client reserves, e.g. 0.25 = four clients per GPU (default with --device cuda: 1/min(clients per round, 4))")
     return p.parse_args(argv)
 
@@ -70,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     from fl.baselines import load_data
     from fl.capacity import check_fits
     from fl.checkpoint import RunFolder, check_out, run_identity
+    from fl.repair import parse_repair
     from fl.simulation import SimulationResources, check_resources, run_strategy
 
     try:
         config = build_config(args)
         strategies = rule_settings(args)
+        repair_steps = parse_repair(args.repair)
         resources = SimulationResources(args.ray_address, args.client_cpus, args.client_gpus or gpu_share(config))
         identity = run_identity(config, strategies)
         check_out(Path(args.out), identity, args.resume, args.overwrite)
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(Path(args.out), identity)
     with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):
         folder.open(overwrite=args.overwrite)
-        run_experiment(config, model_path, data, strategies, folder, package_versions(), functools.partial(run_strategy, resources=resources))
+        run_experiment(config, model_path, data, strategies, folder, package_versions(), functools.partial(run_strategy, resources=resources), repair_steps)
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")
     return 0
 

@@ -46,6 +46,7 @@ class Rule:
     statistic: Statistic | None = None
     one_shot: bool = True  # whether merging two finished experts with it means something (FedProx's term is training-only)
     streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.streaming)
+    deltas: bool = False  # merges differences from the global state: a one-shot merge needs the experts' common base
 
     def key(self, option: Option) -> str:
         return f"{self.name}-{option.name}"
@@ -109,22 +110,26 @@ RULES: Mapping[str, Rule] = {
             "task-arithmetic", task_arithmetic, "global + lambda x weighted mean of the deltas (lambda 1 = FedAvg)",
             "Ilharco et al. 2023", "1 model copy", "a server step size: lambda > 1 extrapolates the clients' common direction",
             options=(LAMBDA,),
+            deltas=True,
         ),
         Rule(
             "ties", ties, "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
             "Yadav et al. 2023", "buffers of one tensor; every reply held (two passes)",
             "deltas that interfere (coordinates where clients pull in opposite directions)",
             options=(Option("density", float, 0.2, "fraction of each delta tensor's entries kept (largest magnitudes)", 0.0, 1.0, low_open=True), LAMBDA),
+            deltas=True,
         ),
         Rule(
             "dare", dare, "drop delta coordinates at random (rescaled), weighted mean, x lambda", "Yu et al. 2024",
             "1 model copy", "large, redundant deltas; a random sparsification of what is merged",
             options=(DROP, LAMBDA),
+            deltas=True,
         ),
         Rule(
             "dare-ties", dare_ties, "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
             "Yu et al. 2024", "buffers of one tensor; every reply held (two passes)", "as TIES, with a random sparsification",
             options=(DROP, LAMBDA),
+            deltas=True,
         ),
         Rule(
             "fisher", fisher_average, "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",

@@ -15,7 +15,7 @@ BASELINES = {"base", "bio-expert", "legal-expert", "multi-task", "one-shot-avera
 def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = ["--quick", "--train-size", "64", "--test-size", "48", "--rounds", "2", "--local-steps", "1", "--out", str(out),
-            "--clients-per-domain", "2", "--clients-per-round", "3"]
+            "--clients-per-domain", "2", "--clients-per-round", "3", "--repair", "distill:2"]
 
     done = subprocess.run(
         [sys.executable, str(ROOT / "sims" / "bio_legal.py"), *argv],
@@ -37,4 +37,8 @@ def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> Non
             assert len(entry["sampled"]) == 3 and {c.split("-")[0] for c in entry["sampled"]} == {"bio", "legal"}
             assert sorted(c["client"].split("(")[1].rstrip(")") for c in entry["clients"]) == sorted(entry["sampled"])
     assert "| fedprox |" in (out / "results.md").read_text()
+    assert set(results["repair"]["scores"]) == {"fedavg+distill", "fedprox+distill"}  # the experts distilled into each
+    assert {"kl-before", "kl-after"} <= set(results["repair"]["fedavg"])
+    assert "| fedavg+distill |" in (out / "results.md").read_text()
+    assert AutoModel.from_pretrained(out / "fedavg+distill").config.hidden_size == 384
     assert (out / "curves.png").stat().st_size > 1000

@@ -37,7 +37,7 @@ BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of
 RUN_TIMEOUT = 300  # seconds for one `flwr run`; a healthy tiny run takes 1-2 minutes on 2 busy cores
 EXPERIMENT_KEYS = {
     "config", "strategies-run", "strategy-options", "seed", "versions", "domains", "baselines", "strategies", "table", "effects",
-    "against-fedavg", "wall-seconds", "attack",
+    "against-fedavg", "wall-seconds", "attack", "repair",
 }
 FEDERATED_KEYS = {"config", "strategies-run", "strategy-options", "seed", "versions", "domains", "strategies", "wall-seconds"}
 
@@ -429,17 +429,9 @@ def test_flwr_run_in_simulation_mode_writes_the_experiment_results(flower: Flowe
     assert_experiment_results(tmp_path / "out", "fisher", "fisher")
 
 
-def test_deployment_one_supernode_per_domain(flower: Flower, run_config, tmp_path: Path) -> None:
-    deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL})
-
-    run_id, log = run_app(flower, deployment.connection, run_config(strategies="regmean", **{"regmean-alpha": 0.5, "regmean-batches": 1}))
-
-    assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", log[-3000:]
-    assert_experiment_results(tmp_path / "out", "regmean", "gram")
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["strategy-options"] == {"regmean": {"regmean-batches": 1, "regmean-alpha": 0.5}}
-
-
 def test_deployment_over_tls_with_supernode_auth_and_no_text_on_the_server(flower: Flower, run_config, tmp_path: Path) -> None:
+    """One SuperNode per domain, TLS, node authentication, a rule whose clients send statistics (regmean), and a
+    server that holds no text."""
     tls = make_tls_files(tmp_path / "tls", ["bio", "legal", "unregistered"])
     deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL}, tls)
     intruder = flower.start(
@@ -448,18 +440,22 @@ def test_deployment_over_tls_with_supernode_auth_and_no_text_on_the_server(flowe
         *["--superlink", deployment.address, "--port", str(free_port()), "--max-retries", "1", "--node-config", BIO],
     )
 
-    run_id, log = run_app(flower, deployment.connection, run_config(**{"server-data": False}))
+    config = run_config(strategies="regmean", **{"server-data": False, "regmean-alpha": 0.5, "regmean-batches": 1})
+    run_id, log = run_app(flower, deployment.connection, config)
 
     assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", log[-3000:]
     assert intruder.wait(60) != 0 and "Failed to activate SuperNode" in flower.log("unregistered")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == FEDERATED_KEYS  # no baselines: the server saw no text
-    rounds = results["strategies"]["fedavg"]["rounds"]
+    assert results["strategy-options"] == {"regmean": {"regmean-batches": 1, "regmean-alpha": 0.5}}
+    sent = [set(c["bytes-sent"]) for h in results["strategies"]["regmean"]["clients"] for c in h["clients"]]
+    assert sent == [{"arrays", "gram"}] * 4
+    rounds = results["strategies"]["regmean"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r[d]["clients"] == 1 and r[d]["test-examples"] == 24 and 0 <= r[d]["accuracy"] <= 1 for r in rounds for d in ["bio", "legal"])
     assert results["domains"]["bio"]["nodes"] == [f"node {deployment.node_ids['bio']} (bio-0)"]
     assert results["domains"]["legal"]["labels"] == ["class-0", "class-1", "class-2"]
-    _, labels = load_merged(tmp_path / "out" / "fedavg")
+    _, labels = load_merged(tmp_path / "out" / "regmean")
     assert labels == {"bio": ["class-0", "class-1", "class-2"], "legal": ["class-0", "class-1", "class-2"]}
 
 

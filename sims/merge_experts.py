@@ -1,0 +1,117 @@
+"""Bring your own experts: can these checkpoints be merged into one model, and what does each way of doing it keep?
+
+Loads two or more Hugging Face checkpoints as experts (a fedmerge model folder such as the bio-expert/ and
+legal-expert/ that sims/bio_legal.py saves, a ...ForSequenceClassification checkpoint whose classifier becomes
+its domain's head, or a plain encoder), prints a compatibility report, runs every requested weight merge the
+report allows (each refused one is skipped with its reason), scores the output ensemble and, with --distill,
+trains one student to match the ensemble on unlabelled text (FedDF). Writes results.json, results.md,
+scores.png and one model folder per produced model to --out.
+
+    python sims/bio_legal.py && python sims/merge_experts.py --experts runs/bio_legal/bio-expert runs/bio_legal/legal-expert --base default --distill
+    python sims/merge_experts.py --experts BIO LEGAL --domains bio,legal --rules fedavg,ties,aligned --base default
+    python sims/merge_experts.py --experts A B --vocab union --distill --student base --base default
+
+Exit code 2, with one line, for bad input and when no single model can come out (every merge refused and no
+--distill); exit 0 otherwise, skipped merges included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fl.environment import configure
+
+configure(sys.argv[1:])
+
+from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options  # noqa: E402
+from fl.config import ConfigError  # noqa: E402
+
+VOCAB_MODES = ("first", "union")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = run_options(__doc__.split("\n\n")[0])
+    p.add_argument("--experts", nargs="+", required=True, metavar="FOLDER_OR_ID", help="the expert checkpoints (two or more)")
+    p.add_argument("--domains", default="", help="comma-separated, the domain each expert serves in --experts order (bio+legal: both); default: bio, legal")
+    p.add_argument("--base", default="", help="the experts' common base ('default' = the embedded MiniLM-L6): task vectors, distances, the base row")
+    add_rule_options(p, "--rules", "fedavg,ties,aligned")
+    p.add_argument("--vocab", default="first", choices=VOCAB_MODES, help="the merged model's vocabulary when the experts' differ: the first expert's, or the union (WordPiece only)")
+    p.add_argument("--distill", action="store_true", help="also train one student to match the ensemble's logits on unlabelled text (FedDF)")
+    p.add_argument("--distill-steps", type=int, default=0, help="distillation steps; 0 = rounds x local-steps (an expert's budget)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the distillation KL")
+    p.add_argument("--distill-data", default="", help="unlabelled texts (.txt, one per line, or .csv/.jsonl with --text-column); default: the domains' training texts without labels")
+    p.add_argument("--student", default="auto", help="what the student starts from: auto (best weight merge, else base, else first expert), merge, base, or an expert's folder")
+    p.add_argument("--out", default="runs/merge_experts", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    return p.parse_args(argv)
+
+
+def parse_serves(text: str, experts: list[str], domains: list[str]) -> tuple[tuple[str, ...], ...]:
+    """--domains: one entry per expert, each a domain or several joined by '+'; every domain served."""
+    if not text:
+        if len(experts) != len(domains):
+            raise ConfigError(f"--experts: {len(experts)} experts and no --domains; expected --domains naming the domain of each (e.g. {','.join(domains)})")
+        return tuple((d,) for d in domains)
+    entries = [tuple(part.split("+")) for part in text.split(",")]
+    if len(entries) != len(experts):
+        raise ConfigError(f"--domains {text}: {len(entries)} entries for {len(experts)} experts; expected one per expert")
+    unknown = sorted({d for entry in entries for d in entry} - set(domains))
+    if unknown:
+        raise ConfigError(f"--domains {text}: unknown domain {unknown[0]!r}; expected {', '.join(domains)}")
+    unserved = [d for d in domains if not any(d in entry for entry in entries)]
+    if unserved:
+        raise ConfigError(f"--domains {text}: no expert serves {unserved[0]}; expected every domain ({', '.join(domains)}) served")
+    return tuple(entries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console_logging()
+
+    from fl.baselines import load_data
+    from fl.data import unlabelled_texts
+    from fl.expert_study import NothingToProduce, StudyOptions, run_study
+    from fl.experts import check_expert
+    from fl.model import check_model
+    from fl.report import package_versions
+
+    out = Path(args.out)
+    try:
+        config = build_config(args)
+        if len(args.experts) < 2:
+            raise ConfigError(f"--experts {' '.join(args.experts)}: one expert; expected two or more")
+        serves = parse_serves(args.domains, args.experts, config.domains)
+        for expert in args.experts:
+            check_expert(expert)
+        if args.base:
+            check_model(args.base, config.max_length)
+        rules = rule_settings(args)
+        if args.distill_steps < 0 or not args.distill_temperature > 0:
+            raise ConfigError(f"--distill-steps {args.distill_steps} / --distill-temperature {args.distill_temperature}: expected steps >= 0 and a temperature > 0")
+        if args.student not in ("auto", "merge", "base") and args.student not in args.experts:
+            raise ConfigError(f"--student {args.student}: expected auto, merge, base or one of --experts")
+        if (out / "results.json").exists() and not args.overwrite:
+            raise ConfigError(f"--out {out} already holds results.json; expected a new folder, or --overwrite")
+        texts = unlabelled_texts(args.distill_data, config.text_column) if args.distill_data else ()
+        data = load_data(config)
+        options = StudyOptions(
+            tuple(args.experts), serves, args.base, args.vocab, args.distill,
+            args.distill_steps or config.rounds * config.local_steps, args.distill_temperature, texts, args.student,
+        )
+        run_study(config, options, rules, data, out, package_versions())
+    except (*INPUT_ERRORS, NothingToProduce) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"results written to {out}/ (results.md, results.json, scores.png, one model folder per produced model)")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    code = main()
+    if code == 0:
+        print(f"total wall time {time.monotonic() - started:.0f} s")
+    sys.exit(code)

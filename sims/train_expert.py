@@ -1,0 +1,71 @@
+"""Train one domain expert from any encoder, as sims/bio_legal.py trains its experts, and save it for merge_experts.py.
+
+Linear-probe heads on the frozen --model for every domain, then rounds x local-steps fine-tuning steps on --domain
+only (LP-FT, the headline's recipe); the folder it writes (fedmerge's model folder) is valid --experts input.
+
+    python sims/train_expert.py --domain legal --model runs/partners/all-mpnet-base-v2 --out runs/experts/legal-mpnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fl.environment import configure
+
+configure(sys.argv[1:])
+
+from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
+from fl.config import ConfigError  # noqa: E402
+from fl.model import check_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = run_options(__doc__.split("\n\n")[0])
+    p.add_argument("--domain", required=True, help="the domain the expert is trained on (bio or legal)")
+    p.add_argument("--out", required=True, help="the expert's folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console_logging()
+
+    from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench
+    from fl.model import save_merged
+    from fl.phases import PhaseClock
+
+    try:
+        config = build_config(args)
+        if args.domain not in config.domains:
+            raise ConfigError(f"--domain {args.domain}: expected one of {', '.join(config.domains)}")
+        if (Path(args.out) / "config.json").exists():
+            raise ConfigError(f"--out {args.out} already holds a model; expected a new folder")
+        model_path = check_model(config.model, config.max_length)
+        data = load_data(config)
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    clock = PhaseClock()
+    steps = config.rounds * config.local_steps
+    with clock.phase("tokenise and load model"):
+        bench = make_workbench(config, model_path, data)
+    with clock.phase("linear probes on the frozen encoder"):
+        start, _ = fit_base(bench)
+    with clock.phase(f"{args.domain} expert ({steps} steps)"):
+        index = config.domains.index(args.domain)
+        expert = fine_tune(bench, start, [args.domain], steps, expert_seed(config.seed, index), f"{args.domain} expert")
+    bench.model.load_state_dict(expert)
+    save_merged(bench.model, bench.tokenizer, args.out, bench.label_names)
+    print(f"expert written to {args.out}/ ({', '.join(f'{k} {v:.0f} s' for k, v in clock.seconds.items())})")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    code = main()
+    if code == 0:
+        print(f"total wall time {time.monotonic() - started:.0f} s")
+    sys.exit(code)
