@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 from fl.config import ConfigError, RunConfig
@@ -130,3 +133,12 @@ def console_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ["httpx", "urllib3", "datasets", "filelock", "alembic"]:  # alembic: Flower's state database, on import
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """A sims/ script's `if __name__ == "__main__"`: run it, print its wall time when it succeeded, exit with its code."""
+    started = time.monotonic()
+    code = main()
+    if code == 0:
+        print(f"total wall time {time.monotonic() - started:.0f} s")
+    sys.exit(code)

@@ -21,7 +21,7 @@ from fl.batches import Encoded, collate, length_sorted_batches, training_batches
 from fl.evaluation import EVAL_BATCH, pooled_features
 from fl.model import MultiHeadEncoder
 from fl.probe import fit_probe
-from fl.training import TrainSettings, lr_factor, trainable_parameters
+from fl.training import TrainSettings, lr_factor, optimizer_for, release
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,9 @@ def distill(
     domains = list(inputs)
     check_alignment(student, inputs, teacher_logits, domains)
     torch.manual_seed(seed)
-    frozen = TrainSettings(steps=settings.steps, freeze_word_embeddings=settings.freeze_word_embeddings)
-    params = trainable_parameters(student, domains, frozen)
-    for name, param in student.named_parameters():
-        param.requires_grad_(name in params)
-    heads = [p for n, p in params.items() if n.startswith("heads.")]
-    body = [p for n, p in params.items() if not n.startswith("heads.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": body, "lr": settings.lr}, {"params": heads, "lr": settings.head_lr}], weight_decay=settings.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.schedule, settings.steps))
+    training = TrainSettings(settings.steps, settings.batch_size, settings.lr, settings.head_lr, settings.weight_decay,
+                             freeze_word_embeddings=settings.freeze_word_embeddings, schedule=settings.schedule)
+    _, optimizer, scheduler = optimizer_for(student, domains, training)
     streams = [training_batches(len(inputs[d]), settings.batch_size, seed + i) for i, d in enumerate(domains)]
     report = DistillReport()
     student.train()
@@ -166,8 +159,5 @@ def distill(
             for domain, loss in losses:
                 on_step(step, domain, loss.item())
     log.debug("distilled %d steps over %s: mean loss %.4f", settings.steps, ", ".join(domains), report.mean_loss)
-    student.eval()
-    student.zero_grad(set_to_none=True)  # a student kept between calls must not keep a copy of gradients
-    for param in student.parameters():
-        param.requires_grad_(True)
+    release(student)
     return report

@@ -75,6 +75,32 @@ def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def optimizer_for(
+    model: MultiHeadEncoder, domains: Sequence[str], settings: TrainSettings
+) -> tuple[dict[str, nn.Parameter], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters this training touches (only those require grad), the heads at their own rate,
+    with the schedule over settings.steps."""
+    params = trainable_parameters(model, domains, settings)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in params)
+    heads = [p for n, p in params.items() if n.startswith("heads.")]
+    body = [p for n, p in params.items() if not n.startswith("heads.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": settings.lr}, {"params": heads, "lr": settings.head_lr}],
+        weight_decay=settings.weight_decay,
+    )
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.schedule, settings.steps))
+
+
+def release(model: MultiHeadEncoder) -> None:
+    """After training: eval mode, gradients dropped (a model kept between calls, a client actor's, must not keep a
+    copy of them) and every parameter trainable again."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for param in model.parameters():
+        param.requires_grad_(True)
+
+
 def train(
     model: MultiHeadEncoder,
     tasks: Sequence[tuple[str, Encoded]],
@@ -90,16 +116,7 @@ def train(
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     torch.manual_seed(seed)
     domains = [d for d, _ in tasks]
-    params = trainable_parameters(model, domains, settings)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in params)
-    heads = [p for n, p in params.items() if n.startswith("heads.")]
-    body = [p for n, p in params.items() if not n.startswith("heads.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": body, "lr": settings.lr}, {"params": heads, "lr": settings.head_lr}],
-        weight_decay=settings.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.schedule, settings.steps))
+    params, optimizer, scheduler = optimizer_for(model, domains, settings)
     anchor = {k: p.detach().clone() for k, p in params.items()} if settings.proximal_mu > 0 else None
     streams = [training_batches(len(data), settings.batch_size, seed + i) for i, (_, data) in enumerate(tasks)]
     loss_fn = nn.CrossEntropyLoss()
@@ -123,8 +140,5 @@ def train(
             report.num_examples += examples
             if on_step is not None:
                 on_step(step, domain, loss.item())
-    model.eval()
-    model.zero_grad(set_to_none=True)  # a model kept between calls (a client actor's) must not keep a copy of gradients
-    for param in model.parameters():
-        param.requires_grad_(True)
+    release(model)
     return report

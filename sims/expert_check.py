@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from fl.environment import configure
@@ -29,6 +28,7 @@ from fl.cli import (  # noqa: E402
     console_logging,
     parse_offsets,
     run_options,
+    run_script,
 )
 from fl.model import check_model  # noqa: E402
 
@@ -83,8 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = main()
-    if code == 0:
-        print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    run_script(main)

@@ -35,6 +35,7 @@ from fl.cli import (  # noqa: E402
     console_logging,
     parse_offsets,
     run_options,
+    run_script,
 )
 from fl.config import ConfigError, RunConfig  # noqa: E402
 from fl.model import check_model  # noqa: E402
@@ -274,8 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = main()
-    if code == 0:
-        print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    run_script(main)

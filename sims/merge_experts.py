@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from fl.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options  # noqa: E402
+from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 
 VOCAB_MODES = ("first", "union")
@@ -110,8 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = main()
-    if code == 0:
-        print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    run_script(main)

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from fl.cli import run_script  # noqa: E402
 from fl.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes  # noqa: E402
 
 if TYPE_CHECKING:
@@ -350,8 +350,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = main()
-    if code == 0:
-        print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    run_script(main)

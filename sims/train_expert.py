@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from fl.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options  # noqa: E402
+from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options, run_script  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
 from fl.model import check_model  # noqa: E402
 
@@ -64,8 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = main()
-    if code == 0:
-        print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    run_script(main)
