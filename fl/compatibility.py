@@ -70,9 +70,10 @@ class Compatibility:
             rows.append((
                 f"vocabulary {self.names[0]} / {name}",
                 "identical" if v.identical else
-                f"{v.same_id} same token same id, {v.other_id} shared at other ids, {v.only_first} / {v.only_second} only in one; shared {100 * v.shared_fraction:.1f}%",
+                f"{v.same_id} same token same id, {v.other_id} shared at other ids, {v.only_first} / {v.only_second} only in one; shared {100 * v.shared_fraction:.2f}%",
             ))
-        rows += [(f"distance to base: {n}", f"{d:.4f} (relative L2)") for n, d in self.base_distance.items()]
+        rows += [(f"distance to base: {n}", f"{self.base_distance[n]:.4f} (relative L2)" if n in self.base_distance else "none: not the base's shapes")
+                 for n in (self.names if self.base_distance or self.base_blocker else ())]
         if self.base_blocker:
             rows.append(("base", f"cannot be merged with the experts: {self.base_blocker}"))
         rows += [(f"weight matching {self.names[0]} <- {n}", f"{m} of {u} units moved ({100 * m / max(u, 1):.1f}%)") for n, (m, u) in self.moved_units.items()]
@@ -137,6 +138,12 @@ def moved_units(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch
     return sum(alignment.moved.values()), sum(alignment.units.values())
 
 
+def pair_blocker(a: Predictor, a_state: Mapping[str, torch.Tensor], b: Predictor, b_state: Mapping[str, torch.Tensor], embedding: str) -> str:
+    """Why the weights of two models cannot be merged ('' when they can)."""
+    return Compatibility((a.name, b.name), config_differences([a.config.to_dict(), b.config.to_dict()]),
+                         shape_differences([a_state, b_state], embedding), (), {}, {}).blocker
+
+
 def compatibility(experts: Sequence[Predictor], base: Predictor | None) -> Compatibility:
     """The report for `experts` (and `base`), weight matching aside: it needs the experts' encoders in one
     vocabulary (fl.expert_merge.prepare), so the caller adds ``moved_units`` once it has them."""
@@ -147,15 +154,12 @@ def compatibility(experts: Sequence[Predictor], base: Predictor | None) -> Compa
     base_blocker = ""
     if base is not None:
         base_state = base.body_state()
-        pair = Compatibility((base.name, names[0]), config_differences([base.config.to_dict(), experts[0].config.to_dict()]),
-                             shape_differences([base_state, states[0]], embedding), (), {}, {})
-        base_blocker = pair.blocker
-        if not base_blocker:
-            base_vocab = base.tokenizer.get_vocab()
-            base_distance = {
-                e.name: relative_distance(s, base_state, "" if e.tokenizer.get_vocab() == base_vocab else embedding)
-                for e, s in zip(experts, states)
-            }
+        base_blocker = pair_blocker(base, base_state, experts[0], states[0], embedding)
+        base_vocab = base.tokenizer.get_vocab()
+        for expert, state in zip(experts, states):  # only experts of the base's shapes have a distance to it
+            if not pair_blocker(base, base_state, expert, state, embedding):
+                skip = "" if expert.tokenizer.get_vocab() == base_vocab else embedding
+                base_distance[expert.name] = relative_distance(state, base_state, skip)
     return Compatibility(
         names,
         config_differences([e.config.to_dict() for e in experts]),

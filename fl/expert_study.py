@@ -30,7 +30,7 @@ from fl.data import DomainData
 from fl.distillation import DistillSettings, distill, fit_heads_to_teacher, kl_to_teacher
 from fl.evaluation import Score, score_logits
 from fl.expert_merge import MergeInputs, merge, merged_predictor, prepare, refusal
-from fl.experts import Predictor, check_head_sizes, fit_missing_heads, load_expert, save_predictor
+from fl.experts import Predictor, check_heads, fit_missing_heads, load_expert, save_predictor
 from fl.model import ModelError, MultiHeadEncoder, save_merged
 from fl.phases import PhaseClock
 from fl.report import markdown, plot_scores, table_row, versus, write_json
@@ -201,7 +201,7 @@ def run_study(
         names = row_names(experts)
         for expert, name in zip(experts, names):
             expert.name = name
-            check_head_sizes(expert, num_labels)
+            check_heads(expert, label_names)
         base = load_expert(options.base, (), "base") if options.base else None
     with clock.phase("compatibility report"):
         report = compatibility(experts, base)

@@ -136,16 +136,24 @@ def load_expert(path: str, serves: Sequence[str], name: str = "") -> Predictor:
     return Predictor(name, tokenizer, AutoModel.from_pretrained(resolved).float(), {}, tuple(serves), resolved)
 
 
-def check_head_sizes(expert: Predictor, num_labels: Mapping[str, int]) -> None:
-    """A head must have as many outputs as its domain has labels (one line naming expert, domain and counts)."""
+def check_heads(expert: Predictor, label_names: Mapping[str, Sequence[str]]) -> None:
+    """A head must predict its domain's labels: as many outputs, and, where the checkpoint names its labels (not
+    transformers' placeholders LABEL_0...), the same names in the same order (one line naming both)."""
     for domain, head in expert.heads.items():
-        if domain not in num_labels:
+        if domain not in label_names:
             continue
+        expected = list(label_names[domain])
         outputs = head.out_features if isinstance(head, nn.Linear) else head.config.num_labels
-        if outputs != num_labels[domain]:
+        if outputs != len(expected):
             raise ModelError(
-                f"--experts {expert.source}: its {domain} head has {outputs} outputs; expected {num_labels[domain]} "
+                f"--experts {expert.source}: its {domain} head has {outputs} outputs; expected {len(expected)} "
                 f"(the labels of the {domain} data)"
+            )
+        named = expert.labels.get(domain, [])
+        if named and named != [f"LABEL_{i}" for i in range(len(named))] and named != expected:
+            raise ModelError(
+                f"--experts {expert.source}: its {domain} head predicts {', '.join(named[:4])}...; expected the {domain} "
+                f"data's labels in their order: {', '.join(expected[:4])}..."
             )
 
 

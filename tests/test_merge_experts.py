@@ -16,7 +16,7 @@ from transformers import AutoModel, BertForSequenceClassification, BertModel, Be
 from fl.compatibility import compatibility, moved_units
 from fl.expert_merge import merge, merged_predictor, prepare, refusal
 from fl.experts import load_expert
-from fl.model import MultiHeadEncoder, default_model_path, save_merged
+from fl.model import MultiHeadEncoder, default_model_path, load_merged, save_merged
 from fl.training import TrainSettings
 from sims import merge_experts
 from strategies.rules import settings
@@ -146,7 +146,7 @@ def test_partly_shared_vocabularies_are_reported_and_a_token_only_one_expert_has
 
     vocabulary = report.vocabulary[0]
     assert (vocabulary.same_id, vocabulary.other_id, vocabulary.only_first, vocabulary.only_second) == (6, 3, 1, 2)
-    assert "shared 75.0%" in "\n".join(report.lines())
+    assert "shared 75.00%" in "\n".join(report.lines())
     assert report.blocker == ""  # the vocabulary size differs, which the remap handles
     assert torch.allclose(out, own, atol=1e-6, rtol=0)
 
@@ -187,17 +187,18 @@ def test_cli_skips_refused_merges_and_exits_2_when_nothing_can_be_produced(folde
 
 
 def test_cli_distils_experts_of_different_widths_and_writes_the_headline_files(folders, toy_csvs, tmp_path: Path) -> None:
-    code = run(folders, toy_csvs, tmp_path, "--experts", str(folders["bio"]), str(folders["wide"]), "--distill", "--distill-steps", "20")
+    code = run(folders, toy_csvs, tmp_path, "--experts", str(folders["bio"]), str(folders["wide"]), "--base", str(folders["base"]),
+               "--distill", "--distill-steps", "20")
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert code == 0
     assert set(results["skipped"]) == {"fedavg", "ties", "aligned"}
-    assert [row["model"] for row in results["table"]] == ["bio-expert", "legal-expert", "ensemble", "distilled-bio-expert"]
+    assert set(results["compatibility"]["distance-to-base"]) == {"bio-expert"}  # the wide expert has none
+    assert [row["model"] for row in results["table"]] == ["base", "bio-expert", "legal-expert", "ensemble", "distilled-base"]
     kl_before, kl_after = results["distillation"]["kl-before"], results["distillation"]["kl-after"]
-    assert kl_before["bio"] < 1e-6  # the student starts as the bio teacher itself
-    assert kl_after["legal"] < kl_before["legal"]  # its legal head was fitted to the wider teacher's argmax, then distilled
+    assert all(kl_after[d] < kl_before[d] for d in LABELS)
     assert (tmp_path / "out" / "scores.png").stat().st_size > 0
-    assert AutoModel.from_pretrained(tmp_path / "out" / "distilled-bio-expert").config.hidden_size == 32
+    assert AutoModel.from_pretrained(tmp_path / "out" / "distilled-base").config.hidden_size == 32
 
 
 def test_cli_merges_fine_tunes_against_a_base(folders, toy_csvs, tmp_path: Path) -> None:
@@ -242,3 +243,14 @@ def test_train_expert_writes_a_folder_merge_experts_reads(tiny_model_dir: Path, 
     assert code == 0
     assert set(expert.heads) == {"bio", "legal"} and expert.config.hidden_size == 32
     assert train_expert.main([*argv, "--domain", "law", "--out", str(tmp_path / "law")]) == 2
+
+
+def test_an_expert_whose_head_predicts_other_labels_is_refused_before_any_scoring(folders, toy_csvs, tmp_path: Path, capsys) -> None:
+    model, _ = load_merged(folders["legal"])
+    save_merged(model, BertTokenizerFast.from_pretrained(folders["legal"]), tmp_path / "other", {"bio": ["x", "y", "z"], "legal": ["x", "y", "z"]})
+
+    code = run(folders, toy_csvs, tmp_path, "--experts", str(folders["bio"]), str(tmp_path / "other"))
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "its bio head predicts x, y, z...; expected the bio data's labels in their order: class-0, class-1, class-2..." in err
