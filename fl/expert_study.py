@@ -39,7 +39,7 @@ from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
 Scores = dict[str, Score]
-STUDENTS = ("auto", "base", "merge")  # or an expert's name
+STUDENTS = ("auto", "merge", "base")  # or one of the experts
 
 
 class NothingToProduce(ModelError):
@@ -71,28 +71,25 @@ def row_names(experts: Sequence[Predictor]) -> list[str]:
 
 
 class Encodings:
-    """Each data split encoded once per tokenizer (experts of one vocabulary share the work)."""
+    """Each data split encoded once per tokenizer object (merges share their first expert's, or the merged one)."""
 
     def __init__(self, config: RunConfig, data: Mapping[str, DomainData], distill_texts: Sequence[str]) -> None:
         self.config, self.data, self.distill_texts = config, data, tuple(distill_texts)
-        self._cache: dict[tuple[str, int], dict[str, Encoded]] = {}
-
-    def _key(self, predictor: Predictor, split: str) -> tuple[str, int]:
-        return split, hash(tuple(sorted(predictor.tokenizer.get_vocab().items())))
+        self._cache: dict[tuple[str, int], tuple[object, dict[str, Encoded]]] = {}  # keeps each tokenizer alive: ids stay unique
 
     def split(self, predictor: Predictor, split: str) -> dict[str, Encoded]:
-        key = self._key(predictor, split)
+        """'train', 'test', or 'transfer' (the unlabelled distillation texts, the same for every domain when given)."""
+        tokenizer, key = predictor.tokenizer, (split, id(predictor.tokenizer))
         if key not in self._cache:
-            max_length = self.config.max_length
-            if split == "transfer":
-                found = {}
-                for d, v in self.data.items():
-                    texts = self.distill_texts or v.train.texts
-                    found[d] = encode(predictor.tokenizer, texts, [0] * len(texts), max_length)
-            else:
-                found = {d: encode(predictor.tokenizer, getattr(v, split).texts, getattr(v, split).labels, max_length) for d, v in self.data.items()}
-            self._cache[key] = found
-        return self._cache[key]
+            found = {}
+            for d, v in self.data.items():
+                if split == "transfer":
+                    texts, labels = self.distill_texts or v.train.texts, None
+                else:
+                    texts, labels = getattr(v, split).texts, getattr(v, split).labels
+                found[d] = encode(tokenizer, texts, [0] * len(texts) if labels is None else labels, self.config.max_length)
+            self._cache[key] = (tokenizer, found)
+        return self._cache[key][1]
 
 
 def ensemble_logits(experts: Sequence[Predictor], encodings: Encodings, split: str) -> dict[str, torch.Tensor]:
@@ -136,9 +133,10 @@ def score_all(predictor: Predictor, encodings: Encodings) -> Scores:
     return {d: predictor.score(d, data) for d, data in encodings.split(predictor, "test").items()}
 
 
-def pick_student(choice: str, merges: Mapping[str, Predictor], models: Mapping[str, Scores], experts: Sequence[Predictor],
+def pick_student(choice: str, merges: Mapping[str, Predictor], models: Mapping[str, Scores], experts: Mapping[str, Predictor],
                  base: Predictor | None) -> Predictor:
-    """--student: 'auto' is the weight merge with the best mean accuracy, else the base, else the first expert."""
+    """--student: 'auto' is the weight merge with the best mean accuracy, else the base, else the first expert;
+    `experts` by their --experts entry."""
     def mean(name: str) -> float:
         return sum(s.accuracy for s in models[name].values()) / len(models[name])
 
@@ -147,8 +145,8 @@ def pick_student(choice: str, merges: Mapping[str, Predictor], models: Mapping[s
     if choice in ("auto", "base") and base is not None:
         return base
     if choice == "auto":
-        return experts[0]
-    return next(e for e in experts if choice in (e.name, e.source))
+        return next(iter(experts.values()))
+    return experts[choice]
 
 
 def run_distillation(
@@ -257,7 +255,7 @@ def run_study(
     produced = list(merges)
     distillation: dict[str, object] = {}
     if options.distill:
-        source = pick_student(options.student, merges, models, experts, base)
+        source = pick_student(options.student, merges, models, dict(zip(options.experts, experts)), base)
         row = f"distilled-{source.name}"
         with clock.phase(f"distil the ensemble into {source.name} ({options.distill_steps} steps)"):
             student, distillation = run_distillation(config, options, experts, source, num_labels, encodings)

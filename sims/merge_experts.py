@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fl.baselines import load_data
     from fl.data import unlabelled_texts
-    from fl.expert_study import NothingToProduce, StudyOptions, run_study
+    from fl.expert_study import STUDENTS, NothingToProduce, StudyOptions, run_study
     from fl.experts import check_expert
     from fl.model import check_model
     from fl.report import package_versions
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         rules = rule_settings(args)
         if args.distill_steps < 0 or not args.distill_temperature > 0:
             raise ConfigError(f"--distill-steps {args.distill_steps} / --distill-temperature {args.distill_temperature}: expected steps >= 0 and a temperature > 0")
-        if args.student not in ("auto", "merge", "base") and args.student not in args.experts:
+        if args.student not in STUDENTS and args.student not in args.experts:
             raise ConfigError(f"--student {args.student}: expected auto, merge, base or one of --experts")
         if (out / "results.json").exists() and not args.overwrite:
             raise ConfigError(f"--out {out} already holds results.json; expected a new folder, or --overwrite")

@@ -203,12 +203,13 @@ def test_cli_distils_experts_of_different_widths_and_writes_the_headline_files(f
 
 def test_cli_merges_fine_tunes_against_a_base(folders, toy_csvs, tmp_path: Path) -> None:
     code = run(folders, toy_csvs, tmp_path, "--experts", str(folders["bio"]), str(folders["legal"]), "--base", str(folders["base"]),
-               "--rules", "fedavg,ties,aligned")
+               "--rules", "fedavg,ties,aligned", "--distill", "--distill-steps", "2", "--student", str(folders["legal"]))
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert code == 0 and results["skipped"] == {}
     assert [row["model"] for row in results["table"]] == [
-        "base", "bio-expert", "legal-expert", "ensemble", "one-shot-average", "one-shot-ties", "one-shot-aligned"]
+        "base", "bio-expert", "legal-expert", "ensemble", "one-shot-average", "one-shot-ties", "one-shot-aligned",
+        "distilled-legal-expert"]
     assert results["compatibility"]["moved-units"]["legal-expert"]["moved"] <= 0.02 * results["compatibility"]["moved-units"]["legal-expert"]["units"]
 
 
