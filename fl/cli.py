@@ -76,6 +76,7 @@ def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", def
     p.add_argument(
         flag,
         dest="strategies",
+        metavar=flag.removeprefix("--").upper(),
         default=default,
         help=f"comma-separated merge rules ({', '.join(RULES)}); a variant takes options inline: ties:density=0.1:lambda=2",
     )

@@ -27,8 +27,9 @@ configure(sys.argv[1:])
 
 from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
 from fl.config import ConfigError  # noqa: E402
+from fl.vocabulary import VOCAB_MODES  # noqa: E402
 
-VOCAB_MODES = ("first", "union")
+FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack")  # no rounds run here
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     try:
+        federated = [f"--{k.replace('_', '-')}" for k in FEDERATED_ONLY if k in vars(args)]
+        if federated:
+            raise ConfigError(f"{federated[0]}: an option of federated rounds, which merge_experts.py does not run; expected it left out")
         config = build_config(args)
         if len(args.experts) < 2:
             raise ConfigError(f"--experts {' '.join(args.experts)}: one expert; expected two or more")

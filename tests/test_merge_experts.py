@@ -215,6 +215,7 @@ def test_cli_merges_fine_tunes_against_a_base(folders, toy_csvs, tmp_path: Path)
 
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--experts", "{bio}"], "--experts {bio}: one expert; expected two or more"),
+    (["--experts", "{bio}", "{legal}", "--attack", "scale:10:1"], "--attack: an option of federated rounds, which merge_experts.py does not run"),
     (["--experts", "{bio}", "{legal}", "--domains", "bio"], "--domains bio: 1 entries for 2 experts; expected one per expert"),
     (["--experts", "{bio}", "{legal}", "--domains", "bio,bio"], "--domains bio,bio: no expert serves legal"),
     (["--experts", "{bio}", "/nonexistent/expert"], "--experts '/nonexistent/expert' is not a model folder"),
