@@ -120,11 +120,14 @@ def load_expert(path: str, serves: Sequence[str], name: str = "") -> Predictor:
         labels = {d: list(info["labels"]) for d, info in meta["domains"].items()}
         body = AutoModel.from_pretrained(resolved).float()
         weights = load_file(str(folder / HEADS_FILE))
-        heads = {}
+        heads: dict[str, nn.Module] = {}
         for domain, names in labels.items():
             head = nn.Linear(body.config.hidden_size, len(names))
             head.load_state_dict({"weight": weights[f"{domain}.weight"], "bias": weights[f"{domain}.bias"]})
             heads[domain] = head
+        for domain, sub in meta.get("classifiers", {}).items():  # written by save_predictor
+            heads[domain] = AutoModelForSequenceClassification.from_pretrained(folder / sub).float()
+            labels[domain] = [str(heads[domain].config.id2label[i]) for i in range(heads[domain].config.num_labels)]
         return Predictor(name, tokenizer, body, heads, tuple(serves), resolved, labels)
     config = AutoConfig.from_pretrained(resolved)
     if is_classifier_checkpoint(config):
@@ -187,7 +190,7 @@ def with_body(template: nn.Module, state: Mapping[str, torch.Tensor], vocab_size
 def save_predictor(predictor: Predictor, out: Path, label_names: Mapping[str, Sequence[str]]) -> Path:
     """fedmerge's model folder (``save_merged``: AutoModel loads the encoder; mean-pooled linear heads in
     heads.safetensors); a domain whose head is a checkpoint classifier gets that whole classifier, holding this
-    encoder, in ``<domain>-classifier/`` (AutoModelForSequenceClassification loads it)."""
+    encoder, in ``<domain>-classifier/`` (AutoModelForSequenceClassification loads it; fedmerge.json names it)."""
     from fl.model import MultiHeadEncoder, save_merged
 
     linear = {d: h for d, h in predictor.heads.items() if isinstance(h, nn.Linear)}
@@ -195,8 +198,11 @@ def save_predictor(predictor: Predictor, out: Path, label_names: Mapping[str, Se
     for domain, head in linear.items():
         model.heads[domain].load_state_dict(head.state_dict())
     save_merged(model, predictor.tokenizer, out, {d: label_names[d] for d in linear})
-    for domain, head in predictor.heads.items():
-        if domain not in linear:
-            head.save_pretrained(out / f"{domain}-classifier")
-            predictor.tokenizer.save_pretrained(out / f"{domain}-classifier")
+    classifiers = {d: f"{d}-classifier" for d in predictor.heads if d not in linear}
+    for domain, sub in classifiers.items():
+        predictor.heads[domain].save_pretrained(out / sub)
+        predictor.tokenizer.save_pretrained(out / sub)
+    if classifiers:  # load_expert reads them back as those domains' heads
+        meta = json.loads((out / META_FILE).read_text())
+        (out / META_FILE).write_text(json.dumps({**meta, "classifiers": classifiers}, indent=2))
     return out

@@ -15,7 +15,7 @@ from transformers import AutoModel, BertForSequenceClassification, BertModel, Be
 
 from fl.compatibility import compatibility, moved_units
 from fl.expert_merge import merge, merged_predictor, prepare, refusal
-from fl.experts import load_expert
+from fl.experts import load_expert, save_predictor
 from fl.model import MultiHeadEncoder, default_model_path, load_merged, save_merged
 from fl.training import TrainSettings
 from sims import merge_experts
@@ -167,6 +167,9 @@ def test_a_sequence_classification_checkpoint_scores_with_its_own_classifier(tmp
 
     assert expert.head_kind("legal") == "BertForSequenceClassification classifier"
     assert torch.allclose(expert.logits("legal", data), checkpoint(**batch).logits, atol=1e-5)
+    saved = load_expert(str(save_predictor(expert, tmp_path / "saved", {"legal": ["a", "b", "c"]})), ("legal",))
+    assert saved.head_kind("legal") == "BertForSequenceClassification classifier"  # read back as that domain's head
+    assert torch.allclose(saved.logits("legal", data), checkpoint(**batch).logits, atol=1e-5)
 
 
 def run(folders: dict[str, Path], toy_csvs, tmp_path: Path, *extra: str) -> int:
