@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fl.batches import Encoded, collate, length_sorted_batches, training_batches
-from fl.evaluation import EVAL_BATCH, pooled_features
+from fl.batches import Encoded, collate, training_batches
+from fl.evaluation import per_example, pooled_features
 from fl.model import MultiHeadEncoder
 from fl.probe import fit_probe
 from fl.training import TrainSettings, lr_factor, optimizer_for, release
@@ -87,11 +87,7 @@ def check_alignment(student: MultiHeadEncoder, inputs: Mapping[str, Encoded], te
 def student_logits(student: MultiHeadEncoder, domain: str, data: Encoded) -> torch.Tensor:
     """The student's logits for every example of `data`, in data order, on the CPU (eval mode)."""
     student.eval()
-    out = torch.empty(len(data), student.heads[domain].out_features)
-    for idx in length_sorted_batches(data, EVAL_BATCH):
-        batch = collate(data, idx)
-        out[torch.as_tensor(idx)] = student(domain, batch.input_ids, batch.attention_mask).float().cpu()
-    return out
+    return per_example(data, student.heads[domain].out_features, lambda ids, mask: student(domain, ids, mask).float())
 
 
 def kl_to_teacher(

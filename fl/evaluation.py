@@ -6,6 +6,7 @@ examples, and differences between two models on the same examples paired.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +60,20 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> Score:
 
 
 @torch.no_grad()
+def per_example(data: Encoded, width: int, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``compute(input_ids, attention_mask)`` over length-sorted batches (CPU tensors; the model moves them), one row
+    per example back in data order, on the CPU: features or logits of any model, padded as little as possible."""
+    out = torch.empty(len(data), width)
+    for idx in length_sorted_batches(data, EVAL_BATCH):
+        batch = collate(data, idx)
+        out[torch.as_tensor(idx)] = compute(batch.input_ids, batch.attention_mask).cpu()
+    return out
+
+
 def pooled_features(model: MultiHeadEncoder, data: Encoded) -> torch.Tensor:
     """Mean-pooled encoder output for every example, in data order, on the CPU whatever the model's device."""
     model.eval()
-    out = torch.empty(len(data), model.heads[model.domains[0]].in_features)
-    for idx in length_sorted_batches(data, EVAL_BATCH):
-        batch = collate(data, idx)
-        out[torch.as_tensor(idx)] = model.embed(batch.input_ids, batch.attention_mask).cpu()
-    return out
+    return per_example(data, model.heads[model.domains[0]].in_features, model.embed)
 
 
 def evaluate(model: MultiHeadEncoder, domain: str, data: Encoded) -> Score:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl.batches import Encoded, collate, length_sorted_batches
-from fl.evaluation import EVAL_BATCH, Score, score_logits
+from fl.batches import Encoded
+from fl.evaluation import Score, per_example, score_logits
 from fl.model import HEADS_FILE, META_FILE, ModelError, check_model, load_tokenizer, mean_pool
 from fl.probe import fit_probe
 
@@ -64,17 +64,16 @@ class Predictor:
             head.to(device)
         return self
 
-    @torch.no_grad()
     def features(self, data: Encoded) -> torch.Tensor:
         """Mean-pooled body output per example (data order), on the CPU."""
         self.body.eval()
         device = next(self.body.parameters()).device
-        out = torch.empty(len(data), self.config.hidden_size)
-        for idx in length_sorted_batches(data, EVAL_BATCH):
-            batch = collate(data, idx)
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            out[torch.as_tensor(idx)] = mean_pool(self.body(input_ids=ids, attention_mask=mask).last_hidden_state, mask).cpu()
-        return out
+
+        def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            ids, mask = ids.to(device), mask.to(device)
+            return mean_pool(self.body(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+        return per_example(data, self.config.hidden_size, embed)
 
     @torch.no_grad()
     def logits(self, domain: str, data: Encoded) -> torch.Tensor:
@@ -84,11 +83,8 @@ class Predictor:
             return head(self.features(data).to(head.weight.device)).cpu()
         head.eval()
         device = next(head.parameters()).device
-        out = torch.empty(len(data), head.config.num_labels)
-        for idx in length_sorted_batches(data, EVAL_BATCH):
-            batch = collate(data, idx)
-            out[torch.as_tensor(idx)] = head(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits.float().cpu()
-        return out
+        return per_example(data, head.config.num_labels,
+                           lambda ids, mask: head(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float())
 
     def score(self, domain: str, data: Encoded) -> Score:
         return score_logits(self.logits(domain, data), data.labels)
