@@ -6,10 +6,10 @@ Clients are a randomly initialised BERT state (built once from a config) plus pe
 server holds a reply: RecordDict({"arrays": ArrayRecord, "metrics": MetricRecord({"num-examples": n})}).
 Three ways to average them are timed on the same records:
   flower       aggregate_arrayrecords(records, "num-examples") -> ArrayRecord
-  ours         zero-copy views of the .npy bytes (strategies.records) -> StreamingMean -> ArrayRecord(keep_input=False),
+  ours         zero-copy views of the .npy bytes (strategies.flower.records) -> StreamingMean -> ArrayRecord(keep_input=False),
                what the strategy does (same input and output as flower)
   ours-kernel  zero-copy views of each Array's .npy bytes -> StreamingMean -> dict (the arithmetic alone)
-Each rule merges as the server does (``strategies.flower.RuleStrategy``): views of every reply -> ``Rule.merge``
+Each rule merges as the server does (``strategies.flower.strategy.RuleStrategy``): views of every reply -> ``Rule.merge``
 (checks included) -> ArrayRecord(keep_input=False). Clients that send statistics all send the same Fisher (squared
 noise for every float weight but the word embeddings, frozen by default) and the same Grams (the mean x x^T of
 random inputs, one per linear layer): what merging costs does not depend on their values.
@@ -41,7 +41,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from strategies.aggregation import weighted_mean
-from strategies.records import record_views
+from strategies.flower.records import record_views
 from strategies.rules import RULES, RuleSetting, settings
 from strategies.update import ClientUpdate, MergeContext
 

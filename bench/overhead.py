@@ -3,14 +3,14 @@
 The same total training (model, data, partitions, optimizer steps and seeds of ``fl.client_app``) plus the same
 central evaluation after every round is run three ways, from one start state (``make_workbench`` + ``fit_base``):
 
-  flower           ``fl.simulation.run_strategy(config, FEDAVG, ...)``: Ray actors, 1 CPU (1 torch thread) per
+  flower           ``fl.federation.simulation.run_strategy(config, FEDAVG, ...)``: Ray actors, 1 CPU (1 torch thread) per
                    client, clients in parallel; the server evaluates with ``CentralEvaluator``.
   bare-parallel    one spawned process per client with 1 torch thread, all in parallel (the CPUs Flower grants),
                    weights passed through torch.multiprocessing queues: the same work and parallelism, no Flower.
   bare-sequential  one process, clients one after another, ``--sequential-threads`` torch threads (default: all
                    cores, what a plain script gets): the simplest loop.
 
-Every regime loads its clients' data with ``fl.client_app.client_data`` (as a Flower client does) inside its timed
+Every regime loads its clients' data with ``fl.federation.client.client_data`` (as a Flower client does) inside its timed
 span, merges with the strategy's key-wise weighted mean, and scores the merged model on every domain's test set
 with ``--eval-threads`` torch threads. The final weights of the three regimes are compared.
 
@@ -47,12 +47,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from fl.baselines import FEDAVG, Workbench, fit_base, load_data, make_workbench  # noqa: E402
-from fl.cli import QUICK  # noqa: E402
-from fl.client_app import ClientRole, client_data, client_role, head_sizes  # noqa: E402
-from fl.config import RunConfig  # noqa: E402
-from fl.model import build_skeleton, client_state, resolve_model  # noqa: E402
-from fl.training import train  # noqa: E402
+from fl.studies.baselines import FEDAVG, Workbench, fit_base, load_data, make_workbench  # noqa: E402
+from fl.run.cli import QUICK  # noqa: E402
+from fl.federation.client import ClientRole, client_data, client_role, head_sizes  # noqa: E402
+from fl.run.config import RunConfig  # noqa: E402
+from fl.modeling.model import build_skeleton, client_state, resolve_model  # noqa: E402
+from fl.modeling.training import train  # noqa: E402
 from strategies.aggregation import weighted_mean  # noqa: E402
 
 State = dict[str, torch.Tensor]
@@ -194,11 +194,11 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
         # Ray unpickles this app for every message, and a pickled closure carries a copy of its globals: so the
         # project's app is built here, in the actor, once per process, after its module's steps were wrapped.
         if not hasattr(fl.client_app, "bench_app"):
-            fl.client_app.bench_spent = {}  # type: ignore[attr-defined]
+            fl.federation.client.bench_spent = {}  # type: ignore[attr-defined]
             for name in INSIDE_HANDLER:
-                setattr(fl.client_app, name, timed(name, getattr(fl.client_app, name), fl.client_app.bench_spent))
-            fl.client_app.bench_app = fl.client_app.make_client_app(config)  # type: ignore[attr-defined]
-        inner, spent = fl.client_app.bench_app, fl.client_app.bench_spent  # type: ignore[attr-defined]
+                setattr(fl.client_app, name, timed(name, getattr(fl.client_app, name), fl.federation.client.bench_spent))
+            fl.federation.client.bench_app = fl.federation.client.make_client_app(config)  # type: ignore[attr-defined]
+        inner, spent = fl.federation.client.bench_app, fl.federation.client.bench_spent  # type: ignore[attr-defined]
         spent.clear()
         start = time.time()
         reply = inner(msg, context)
@@ -213,7 +213,7 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
 
     @app.query()
     def query_handler(msg, context):  # noqa: ANN001, ANN202  (the server's roll call: whom this node serves)
-        return fl.client_app.make_client_app(config)(msg, context)
+        return fl.federation.client.make_client_app(config)(msg, context)
 
     return app
 
@@ -221,8 +221,8 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
 def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], eval_threads: int) -> dict[str, object]:
     config = bench.config
     tick_wall, tick = time.time(), time.perf_counter()
-    import fl.simulation
-    from fl.rounds import CentralEvaluator
+    import fl.federation.simulation
+    from fl.federation.rounds import CentralEvaluator
 
     import_s = time.perf_counter() - tick
     calls: list[tuple[int, float, float]] = []
@@ -235,9 +235,9 @@ def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], ev
             return result
 
     evaluator = TimedEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)  # type: ignore[arg-type]
-    fl.simulation.make_client_app = timed_client_app  # instrumentation only: the wrapper calls the project's app
+    fl.federation.simulation.make_client_app = timed_client_app  # instrumentation only: the wrapper calls the project's app
     torch.set_num_threads(eval_threads)
-    outcome = fl.simulation.run_strategy(config, FEDAVG, start, evaluator)
+    outcome = fl.federation.simulation.run_strategy(config, FEDAVG, start, evaluator)
     end_wall = time.time()
     total = time.perf_counter() - tick
 
@@ -280,7 +280,7 @@ def serialisation_costs(config: RunConfig, start: State) -> dict[str, float]:
     """Unit costs (seconds, 1 thread, best of 3) of what moving the weights through Flower does, on these weights."""
     from flwr.app import ArrayRecord
 
-    from strategies.records import record_views
+    from strategies.flower.records import record_views
 
     torch.set_num_threads(1)
     role = roles(config)[0]

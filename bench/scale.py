@@ -1,7 +1,7 @@
 """Benchmark: how many clients one Flower simulation of fedmerge takes on this machine, with the default base.
 
 Each case (a client count N, or N:K for K clients sampled per round) runs FedAvg through
-``fl.simulation.run_strategy`` in a child process (its own Ray, its own memory) with a tiny budget: 1 local step per
+``fl.federation.simulation.run_strategy`` in a child process (its own Ray, its own memory) with a tiny budget: 1 local step per
 client, small train/test sets, short sequences. FedAvg merges each reply as it arrives, so the driver's memory should
 not grow with N. The child also times one local training step alone (same model, data and thread count), so the
 steady round's time per client message minus that step is the framework's own cost per message.
@@ -9,7 +9,7 @@ The parent samples the memory of the child and all its descendants (Ray's daemon
 SAMPLE_S seconds from /proc: the sum of PSS (shared pages split between the processes that map them, so
 the sum is the tree's real footprint) and the sum of RSS (counts shared pages once per process). Each case
 has a timeout after which the whole tree is killed; a case whose pre-flight estimate
-(``fl.capacity.check_fits``) does not fit is refused by the child with one line before any work, and the
+(``fl.federation.capacity.check_fits``) does not fit is refused by the child with one line before any work, and the
 parent records that line. Time per round comes from the central evaluator's timestamps (round 1 includes
 the actors' start-up; later rounds are the steady state).
 
@@ -149,8 +149,8 @@ def driver_holdings() -> dict[str, float]:
 
 def one_step_s(bench, config) -> float:  # noqa: ANN001
     """Seconds of one local training step of one client alone (the work a client message exists for)."""
-    from fl.client_app import ClientRole, training_set
-    from fl.training import train
+    from fl.federation.client import ClientRole, training_set
+    from fl.modeling.training import train
 
     data = training_set(config, ClientRole("bio", 0, config.clients_per_domain))
     state = {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
@@ -168,9 +168,9 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    from fl.capacity import CapacityError, check_fits
-    from fl.config import RunConfig
-    from fl.model import resolve_model
+    from fl.federation.capacity import CapacityError, check_fits
+    from fl.run.config import RunConfig
+    from fl.modeling.model import resolve_model
 
     per_domain = max(1, clients // 2)
     config = replace(
@@ -193,9 +193,9 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
 
     import torch
 
-    from fl.baselines import load_data, make_workbench
-    from fl.rounds import CentralEvaluator
-    from fl.simulation import run_strategy
+    from fl.studies.baselines import load_data, make_workbench
+    from fl.federation.rounds import CentralEvaluator
+    from fl.federation.simulation import run_strategy
 
     torch.set_num_threads(1)
     bench = make_workbench(config, resolve_model(config.model), load_data(config))

@@ -19,19 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
 import torch  # noqa: E402
 
-from fl.baselines import load_data  # noqa: E402
-from fl.batches import Encoded, encode  # noqa: E402
-from fl.config import RunConfig  # noqa: E402
-from fl.data import DataError  # noqa: E402
-from fl.interpolation import Scores, align, barriers, curves, evaluate_path, path_points, plot_barrier  # noqa: E402
-from fl.model import HEADS_FILE, META_FILE, MultiHeadEncoder, load_merged, load_tokenizer  # noqa: E402
-from fl.model import num_attention_heads  # noqa: E402
+from fl.studies.baselines import load_data  # noqa: E402
+from fl.data.batches import Encoded, encode  # noqa: E402
+from fl.run.config import RunConfig  # noqa: E402
+from fl.data.user_files import DataError  # noqa: E402
+from fl.studies.interpolation import Scores, align, barriers, curves, evaluate_path, path_points, plot_barrier  # noqa: E402
+from fl.modeling.model import HEADS_FILE, META_FILE, MultiHeadEncoder, load_merged, load_tokenizer  # noqa: E402
+from fl.modeling.model import num_attention_heads  # noqa: E402
 from strategies.options import OptionError  # noqa: E402
 
 State = dict[str, torch.Tensor]

@@ -23,13 +23,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
-from fl.config import RunConfig  # noqa: E402
-from fl.model import check_model  # noqa: E402
+from fl.run.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.config import RunConfig  # noqa: E402
+from fl.modeling.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.baselines import load_data
-    from fl.capacity import check_fits
-    from fl.checkpoint import RunFolder, check_out, run_identity
-    from fl.repair import parse_repair
-    from fl.simulation import SimulationResources, check_resources, run_strategy
+    from fl.studies.baselines import load_data
+    from fl.federation.capacity import check_fits
+    from fl.run.checkpoint import RunFolder, check_out, run_identity
+    from fl.studies.repair import parse_repair
+    from fl.federation.simulation import SimulationResources, check_resources, run_strategy
 
     try:
         config = build_config(args)
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from fl.experiment import run_experiment
-    from fl.interrupt import exit_cleanly_on_signals
-    from fl.report import package_versions
+    from fl.studies.experiment import run_experiment
+    from fl.run.interrupt import exit_cleanly_on_signals
+    from fl.run.versions import package_versions
 
     folder = RunFolder(Path(args.out), identity)
     with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):

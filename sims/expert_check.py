@@ -17,11 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import (  # noqa: E402
+from fl.run.cli import (  # noqa: E402
     INPUT_ERRORS,
     add_spread_options,
     build_config,
@@ -30,7 +30,7 @@ from fl.cli import (  # noqa: E402
     run_options,
     run_script,
 )
-from fl.model import check_model  # noqa: E402
+from fl.modeling.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
-    from fl.baselines import expert_seed, fit_base, load_data, make_workbench, scored_experts
+    from fl.studies.baselines import expert_seed, fit_base, load_data, make_workbench, scored_experts
 
     try:
         config = build_config(args)
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from fl.experiment import scores_json, start_of_client
-    from fl.report import effects, effects_json, spread_markdown, write_json
+    from fl.studies.experiment import scores_json, start_of_client
+    from fl.studies.report import effects, effects_json, spread_markdown
+    from fl.run.files import write_results
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = f"# Experts across training seeds: {config.rounds * config.local_steps} steps each, data seed {config.seed}"
     (out / "expert_check.md").write_text(spread_markdown(header, spread))
-    write_json(out / "expert_check.json", {"config": config.to_record(), "device": config.device, "runs": runs})
+    write_results(out / "expert_check.json", {"config": config.to_record(), "device": config.device, "runs": runs})
     print((out / "expert_check.md").read_text())
     return 0
 

@@ -24,11 +24,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import (  # noqa: E402
+from fl.run.cli import (  # noqa: E402
     INPUT_ERRORS,
     add_spread_options,
     build_config,
@@ -37,8 +37,8 @@ from fl.cli import (  # noqa: E402
     run_options,
     run_script,
 )
-from fl.config import ConfigError, RunConfig  # noqa: E402
-from fl.model import check_model  # noqa: E402
+from fl.run.config import ConfigError, RunConfig  # noqa: E402
+from fl.modeling.model import check_model  # noqa: E402
 
 # Each entry changes the options given on the command line; ordered so that a --time-limit cut keeps the likeliest.
 DEFAULT_GRID: list[dict[str, Any]] = [
@@ -141,8 +141,8 @@ def run_job(config: RunConfig, model_path: str, offset: int, threads: int) -> di
     """Both experts of one setting and one training seed, scored; the base is cached per data setting."""
     import torch
 
-    from fl.baselines import fit_base, load_data, make_workbench, scored_experts
-    from fl.report import effects, effects_json
+    from fl.studies.baselines import fit_base, load_data, make_workbench, scored_experts
+    from fl.studies.report import effects, effects_json
 
     if threads:
         torch.set_num_threads(threads)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
         model_path = check_model(base.model, max(config.max_length for _, config in grid))
-        from fl.baselines import load_data
+        from fl.studies.baselines import load_data
 
         for config in {tuple(getattr(c, f) for f in DATA_FIELDS): c for _, c in grid}.values():
             load_data(config)  # bad data fails here, before any training

@@ -21,13 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
-from fl.config import ConfigError  # noqa: E402
-from fl.vocabulary import VOCAB_MODES  # noqa: E402
+from fl.run.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.config import ConfigError  # noqa: E402
+from fl.experts.vocabulary import VOCAB_MODES  # noqa: E402
 
 FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack")  # no rounds run here
 
@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.baselines import load_data
-    from fl.data import unlabelled_texts
-    from fl.expert_study import STUDENTS, NothingToProduce, StudyOptions, run_study
-    from fl.experts import check_expert
-    from fl.model import check_model
-    from fl.report import package_versions
+    from fl.studies.baselines import load_data
+    from fl.data.sources import unlabelled_texts
+    from fl.studies.own_experts import STUDENTS, NothingToProduce, StudyOptions, run_study
+    from fl.experts.loading import check_expert
+    from fl.modeling.model import check_model
+    from fl.run.versions import package_versions
 
     out = Path(args.out)
     try:

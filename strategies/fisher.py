@@ -1,7 +1,7 @@
 """Fisher-weighted averaging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022).
 
 Each client also sends the diagonal of its empirical Fisher information at its trained weights (the mean over
-examples of the squared gradient of log p(label | text), computed on its own data, ``fl.statistics``). The
+examples of the squared gradient of log p(label | text), computed on its own data, ``fl.modeling.client_statistics``). The
 server merges every coordinate as sum_i w_i F_i theta_i / sum_i w_i F_i, with w_i the client's examples and
 F_i floored at ``floor`` so that coordinates no client has information about fall back to the weighted mean.
 Keys no client sent a Fisher for (frozen word embeddings have no gradient) are merged by FedAvg; a key that

@@ -2,7 +2,7 @@
 
 For a linear layer y = x W^T, the weights whose outputs best match every client's on its own inputs solve
 min_W sum_i w_i ||X_i W^T - X_i W_i^T||^2, i.e. W^T = (sum_i w_i G_i)^-1 sum_i w_i G_i W_i^T with G_i the
-Gram matrix of the layer's inputs on client i's data (``fl.statistics`` sends the mean of x x^T over
+Gram matrix of the layer's inputs on client i's data (``fl.modeling.client_statistics`` sends the mean of x x^T over
 non-padding tokens, keyed by the layer's weight). As in the paper, the off-diagonal entries of each G_i are
 scaled by ``alpha`` (1: the exact least-squares merge; 0: a per-input-feature weighted mean), which guards
 against inputs that are nearly collinear on one client. With every G_i the identity this is FedAvg.

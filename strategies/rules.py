@@ -45,7 +45,7 @@ class Rule:
     client_options: Mapping[str, str] = field(default_factory=dict)  # option name -> train-config key sent to clients
     statistic: Statistic | None = None
     one_shot: bool = True  # whether merging two finished experts with it means something (FedProx's term is training-only)
-    streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.streaming)
+    streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.flower.streaming)
     deltas: bool = False  # merges differences from the global state: a one-shot merge needs the experts' common base
 
     def key(self, option: Option) -> str:

@@ -1,7 +1,7 @@
 """Shared test setup: offline Hugging Face (no test touches a hub), tiny models and toy data."""
 from pathlib import Path
 
-from fl.environment import configure
+from fl.run.environment import configure
 
 configure([])
 
@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoModel
 
-    from fl.model import default_model_path
+    from fl.modeling.model import default_model_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def toy_csvs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def tiny_run_config(model_dir: Path, csvs: tuple[Path, Path], **overrides: object):
     """A RunConfig of the tiny model on the toy CSVs, small enough for a Flower simulation in seconds."""
-    from fl.config import RunConfig
+    from fl.run.config import RunConfig
 
     bio, legal = csvs
     values: dict[str, object] = dict(

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.attacks import AttackSpec, derangement, flipped_labels, parse_attack, poison
-from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.cli import build_config, run_options
-from fl.client_app import ClientRole, client_data, training_set
-from fl.config import ConfigError, RunConfig
-from fl.rounds import CentralEvaluator
-from fl.simulation import run_strategy
+from fl.modeling.attacks import AttackSpec, derangement, flipped_labels, parse_attack, poison
+from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
+from fl.run.cli import build_config, run_options
+from fl.federation.client import ClientRole, client_data, training_set
+from fl.run.config import ConfigError, RunConfig
+from fl.federation.rounds import CentralEvaluator
+from fl.federation.simulation import run_strategy
 from tests.conftest import tiny_run_config
 
 

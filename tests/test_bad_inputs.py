@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.config import ConfigError, RunConfig, split_run_config
+from fl.run.config import ConfigError, RunConfig, split_run_config
 from sims import bio_legal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr("fl.model.AutoModel.from_pretrained", refuse)
-    monkeypatch.setattr("fl.experiment.run_experiment", refuse, raising=False)
+    monkeypatch.setattr("fl.modeling.model.AutoModel.from_pretrained", refuse)
+    monkeypatch.setattr("fl.studies.experiment.run_experiment", refuse, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,8 @@ OUT_CASES = [  # (what --out is before the run, extra flags, a fragment of the m
 def test_an_out_that_would_lose_results_fails_with_one_line_and_changes_nothing(
     before: str, flags: list[str], needle: str, tmp_path, capsys, no_model_loading
 ) -> None:
-    from fl.checkpoint import RunFolder, run_identity
-    from fl.cli import build_config, rule_settings
+    from fl.run.checkpoint import RunFolder, run_identity
+    from fl.run.cli import build_config, rule_settings
 
     out = tmp_path / "out"
     if before == "a file":
@@ -172,7 +172,7 @@ def test_bad_run_config_values_are_refused(record: dict[str, str], needle: str) 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_a_device_this_machine_lacks_is_refused_by_the_config_and_by_flowers_run_config(tmp_path: Path) -> None:
-    from fl.server_app import app_options
+    from fl.apps.server_app import app_options
 
     needle = "--device cuda: this machine has no CUDA device torch can use"
     out = tmp_path / "out"

@@ -79,9 +79,9 @@ def test_scale_prints_json_with_one_finished_case(smoke_runs) -> None:
 def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> None:
     from dataclasses import replace
 
-    from fl.capacity import CapacityError, check_fits
-    from fl.config import RunConfig
-    from fl.model import default_model_path
+    from fl.federation.capacity import CapacityError, check_fits
+    from fl.run.config import RunConfig
+    from fl.modeling.model import default_model_path
 
     config = replace(RunConfig(), clients_per_domain=500)
 
@@ -97,9 +97,9 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
 
 
 def test_replies_that_carry_statistics_are_counted_larger() -> None:
-    from fl.capacity import check_fits, model_bytes
-    from fl.config import RunConfig
-    from fl.model import default_model_path
+    from fl.federation.capacity import check_fits, model_bytes
+    from fl.run.config import RunConfig
+    from fl.modeling.model import default_model_path
 
     path = str(default_model_path())
     weights, fisher, gram = (model_bytes(path, s) for s in ("", "fisher", "gram"))

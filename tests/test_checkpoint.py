@@ -20,11 +20,11 @@ import psutil
 import pytest
 import torch
 
-from fl import files
-from fl.checkpoint import RunFolder, check_out, run_identity
-from fl.config import ConfigError, RunConfig
-from fl.evaluation import Score
-from fl.model import load_merged
+from fl.run import files
+from fl.run.checkpoint import RunFolder, check_out, run_identity
+from fl.run.config import ConfigError, RunConfig
+from fl.modeling.evaluation import Score
+from fl.modeling.model import load_merged
 from strategies.rules import settings
 
 ROOT = Path(__file__).resolve().parents[1]

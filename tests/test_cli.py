@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fl.cli import build_config
+from fl.run.cli import build_config
 from sims import bio_legal
 
 
@@ -25,8 +25,8 @@ def test_quick_fills_only_the_options_not_given(argv: list[str], expected: dict[
 
 def test_rule_options_reach_the_experiment(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
     seen = {}
-    monkeypatch.setattr("fl.experiment.run_experiment", lambda config, path, data, strategies, *a, **k: seen.update(strategies=strategies))
-    monkeypatch.setattr("fl.baselines.load_data", lambda config: {})
+    monkeypatch.setattr("fl.studies.experiment.run_experiment", lambda config, path, data, strategies, *a, **k: seen.update(strategies=strategies))
+    monkeypatch.setattr("fl.studies.baselines.load_data", lambda config: {})
 
     code = bio_legal.main(["--quick", "--strategies", "ties,aligned", "--ties-dens", "0.4", "--no-aligned-residual", "--out", str(tmp_path / "out")])
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl import data
-from fl.data import DataError, LabeledTexts
+from fl.data import partitions, sources, splits
+from fl.data.user_files import DataError
+from fl.data.sources import LabeledTexts
 
 
 def _toy(labels: list[int], groups: list[str] | None = None) -> LabeledTexts:
@@ -27,7 +28,7 @@ def _write_csv(path: Path, header: str, rows: list[str]) -> Path:
 
 
 def test_hpo_source_has_23_categories_and_name_definition_texts():
-    hpo = data.load_source("hpo")
+    hpo = sources.load_source("hpo")
 
     assert len(hpo.label_names) == 23
     assert 15_000 <= len(hpo) <= 16_500
@@ -40,11 +41,11 @@ def test_hpo_source_has_23_categories_and_name_definition_texts():
 
 
 def test_hpo_source_is_deterministic_and_cached():
-    fresh = data._load_hpo.__wrapped__()
+    fresh = sources._load_hpo.__wrapped__()
 
-    cached = data.load_source("hpo")
+    cached = sources.load_source("hpo")
 
-    assert cached is data.load_source("hpo")
+    assert cached is sources.load_source("hpo")
     assert fresh.texts == cached.texts
     np.testing.assert_array_equal(fresh.labels, cached.labels)
 
@@ -63,9 +64,9 @@ def test_hpo_multi_category_rule_follows_first_parent_then_smallest_id():
             "[Term]\nid: HP:0000700\nname: Gone\nis_a: HP:0000100\nis_obsolete: true",
         ]
     )
-    terms = data._parse_obo(obo)
+    terms = sources._parse_obo(obo)
 
-    categories = data._hpo_categories(terms)
+    categories = sources._hpo_categories(terms)
 
     assert categories["HP:0000400"] == "HP:0000200"
     assert categories["HP:0000500"] == "HP:0000100"
@@ -75,12 +76,12 @@ def test_hpo_multi_category_rule_follows_first_parent_then_smallest_id():
 
 
 def test_licenses_source_has_11_categories_grouped_by_licence_key():
-    licenses = data.load_source("licenses")
+    licenses = sources.load_source("licenses")
 
     assert len(licenses.label_names) == 11
     assert 12_000 <= len(licenses) <= 15_000
     assert licenses.groups is not None and len(licenses.groups) == len(licenses)
-    assert all(len(text.split()) <= data.LICENSE_MAX_WORDS for text in licenses.texts)
+    assert all(len(text.split()) <= sources.LICENSE_MAX_WORDS for text in licenses.texts)
     assert not any("{{" in text for text in licenses.texts)
     mit = [label for label, group in zip(licenses.labels, licenses.groups) if group == "mit"]
     assert len(mit) > 100 and {licenses.label_names[label] for label in mit} == {"Permissive"}
@@ -90,9 +91,9 @@ def test_licenses_source_has_11_categories_grouped_by_licence_key():
 
 
 def test_group_split_keeps_each_licence_on_one_side():
-    licenses = data.load_source("licenses")
+    licenses = sources.load_source("licenses")
 
-    train, test = data.stratified_split(licenses, 0.2, seed=0)
+    train, test = splits.stratified_split(licenses, 0.2, seed=0)
 
     assert not set(train.groups) & set(test.groups)
     assert len(train) + len(test) == len(licenses)
@@ -100,11 +101,11 @@ def test_group_split_keeps_each_licence_on_one_side():
 
 
 def test_stratified_split_is_deterministic_by_seed_and_seeds_differ():
-    hpo = data.load_source("hpo")
+    hpo = sources.load_source("hpo")
 
-    train_a, test_a = data.stratified_split(hpo, 0.2, seed=1)
-    train_b, test_b = data.stratified_split(hpo, 0.2, seed=1)
-    _, test_c = data.stratified_split(hpo, 0.2, seed=2)
+    train_a, test_a = splits.stratified_split(hpo, 0.2, seed=1)
+    train_b, test_b = splits.stratified_split(hpo, 0.2, seed=1)
+    _, test_c = splits.stratified_split(hpo, 0.2, seed=2)
 
     assert test_a.texts == test_b.texts and train_a.texts == train_b.texts
     assert test_a.texts != test_c.texts
@@ -112,10 +113,10 @@ def test_stratified_split_is_deterministic_by_seed_and_seeds_differ():
 
 
 def test_stratified_split_puts_every_class_with_10_examples_in_test():
-    hpo = data.load_source("hpo")
+    hpo = sources.load_source("hpo")
     counts = np.bincount(hpo.labels)
 
-    train, test = data.stratified_split(hpo, 0.2, seed=0)
+    train, test = splits.stratified_split(hpo, 0.2, seed=0)
 
     test_counts = np.bincount(test.labels, minlength=len(counts))
     assert all(test_counts[label] > 0 for label in np.flatnonzero(counts >= 10))
@@ -126,12 +127,12 @@ def test_stratified_split_puts_every_class_with_10_examples_in_test():
 def test_stratified_split_keeps_unsplittable_classes_in_train():
     toy = _toy([0] * 20 + [1] + [2] * 6, groups=[f"a{i}" for i in range(20)] + ["b"] + ["big"] * 6)
 
-    train, test = data.stratified_split(toy, 0.2, seed=0)
+    train, test = splits.stratified_split(toy, 0.2, seed=0)
 
     assert 1 not in test.labels and 2 not in test.labels
     assert np.sum(test.labels == 0) == 4
     with pytest.raises(DataError, match="1.5"):
-        data.stratified_split(toy, 1.5, seed=0)
+        splits.stratified_split(toy, 1.5, seed=0)
 
 
 def test_group_column_keeps_each_document_on_one_side(tmp_path):
@@ -139,12 +140,12 @@ def test_group_column_keeps_each_document_on_one_side(tmp_path):
     rows = [f"doc {d} chunk {c},{'ab'[d % 2]},doc-{d}" for d in range(40) for c in range(int(rng.integers(1, 6)))]
     path = _write_csv(tmp_path / "chunks.csv", "text,label,doc", rows)
 
-    domain = data.load_domain("toy", str(path), train_size=None, test_size=None, seed=0, group_column="doc")
+    domain = splits.load_domain("toy", str(path), train_size=None, test_size=None, seed=0, group_column="doc")
 
     assert set(domain.train.groups).isdisjoint(domain.test.groups)
     assert len(domain.train) + len(domain.test) == len(rows)
     assert set(domain.test.labels.tolist()) == {0, 1}
-    ungrouped = data.load_domain("toy", str(path), train_size=None, test_size=None, seed=0)
+    ungrouped = splits.load_domain("toy", str(path), train_size=None, test_size=None, seed=0)
     documents = [{text.split(" chunk")[0] for text in side.texts} for side in (ungrouped.train, ungrouped.test)]
     assert ungrouped.train.groups is None and not documents[0].isdisjoint(documents[1])  # without it, documents cross
 
@@ -153,7 +154,7 @@ def test_rows_without_a_group_are_dropped_with_one_counted_warning(tmp_path, cap
     rows = [f"text {i},{'ab'[i % 2]},{'' if i < 3 else f'g{i}'}" for i in range(12)]
     path = _write_csv(tmp_path / "g.csv", "text,label,doc", rows)
 
-    loaded = data.load_source(str(path), group_column="doc")
+    loaded = sources.load_source(str(path), group_column="doc")
 
     assert len(loaded) == 9 and loaded.groups == tuple(f"g{i}" for i in range(3, 12))
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
@@ -165,7 +166,7 @@ def test_labels_with_a_single_example_are_dropped_with_one_counted_warning(tmp_p
     rows = [f"text {i},{'ab'[i % 2]}" for i in range(10)] + ["lonely,z", "alone,y"]
     path = _write_csv(tmp_path / "rare.csv", "text,label", rows)
 
-    loaded = data.load_source(str(path))
+    loaded = sources.load_source(str(path))
 
     assert loaded.label_names == ("a", "b") and len(loaded) == 10
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
@@ -176,20 +177,20 @@ def test_labels_with_a_single_example_are_dropped_with_one_counted_warning(tmp_p
 def test_sample_per_domain_is_stratified_and_deterministic():
     toy = _toy([0] * 600 + [1] * 300 + [2] * 100)
 
-    sample = data.sample_per_domain(toy, 100, seed=3)
+    sample = splits.sample_per_domain(toy, 100, seed=3)
 
     assert len(sample) == 100
     assert np.bincount(sample.labels).tolist() == [60, 30, 10]
-    assert sample.texts == data.sample_per_domain(toy, 100, seed=3).texts
-    assert sample.texts != data.sample_per_domain(toy, 100, seed=4).texts
-    assert data.sample_per_domain(toy, None, seed=3) is toy
+    assert sample.texts == splits.sample_per_domain(toy, 100, seed=3).texts
+    assert sample.texts != splits.sample_per_domain(toy, 100, seed=4).texts
+    assert splits.sample_per_domain(toy, None, seed=3) is toy
 
 
 def test_load_domain_splits_and_subsamples(tmp_path):
     rows = [f"sentence number {i},{'pos' if i % 2 else 'neg'}" for i in range(100)]
     path = _write_csv(tmp_path / "toy.csv", "text,label", rows)
 
-    domain = data.load_domain("toy", str(path), train_size=30, test_size=10, seed=0)
+    domain = splits.load_domain("toy", str(path), train_size=30, test_size=10, seed=0)
 
     assert (len(domain.train), len(domain.test), domain.num_labels) == (30, 10, 2)
     assert not set(domain.train.texts) & set(domain.test.texts)
@@ -202,7 +203,7 @@ def test_csv_with_custom_columns_maps_string_labels(tmp_path):
     rows = ["a cat,zoo,1", "a law,court,2", "  ,zoo,3", "a dog,zoo,4", "a judge,court,5"]
     path = _write_csv(tmp_path / "reviews.csv", "sentence,topic,extra", rows)
 
-    loaded = data.load_source(str(path), text_column="sentence", label_column="topic")
+    loaded = sources.load_source(str(path), text_column="sentence", label_column="topic")
 
     assert loaded.label_names == ("court", "zoo")
     assert loaded.texts == ("a cat", "a law", "a dog", "a judge")
@@ -215,7 +216,7 @@ def test_jsonl_with_integer_labels_keeps_numeric_order(tmp_path):
     records = [{"body": f"doc {i}", "y": label} for i, label in enumerate([10, 2, 2, 10, 1, 1])]
     path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="utf-8")
 
-    loaded = data.load_source(str(path), text_column="body", label_column="y")
+    loaded = sources.load_source(str(path), text_column="body", label_column="y")
 
     assert loaded.label_names == ("1", "2", "10")
     assert loaded.labels.tolist() == [2, 1, 1, 2, 0, 0]
@@ -226,8 +227,8 @@ def test_json_file_holding_json_lines_or_a_list_of_records_loads_alike(tmp_path)
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     (tmp_path / "list.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
 
-    lines = data.load_source(str(tmp_path / "lines.json"))
-    listed = data.load_source(str(tmp_path / "list.json"))
+    lines = sources.load_source(str(tmp_path / "lines.json"))
+    listed = sources.load_source(str(tmp_path / "list.json"))
 
     assert lines.texts == listed.texts == tuple(r["text"] for r in records)
     assert lines.labels.tolist() == listed.labels.tolist() == [0, 1, 0, 1]
@@ -239,13 +240,13 @@ def test_hf_source_reads_a_local_dataset_folder_and_split(tmp_path):
     _write_csv(folder / "train.csv", "text,label", ["good film,pos", "bad film,neg", "fine film,pos", "poor film,neg"])
     _write_csv(folder / "test.csv", "text,label", ["great film,pos", "awful film,neg", "nice film,pos", "dull film,neg"])
 
-    train = data.load_source(f"hf:{folder}")
-    test = data.load_source(f"hf:{folder}@test")
+    train = sources.load_source(f"hf:{folder}")
+    test = sources.load_source(f"hf:{folder}@test")
 
     assert train.texts == ("good film", "bad film", "fine film", "poor film") and train.labels.tolist() == [1, 0, 1, 0]
     assert test.texts == ("great film", "awful film", "nice film", "dull film") and test.label_names == ("neg", "pos")
     with pytest.raises(DataError, match=r"could not be loaded as a dataset: Unknown split"):
-        data.load_source(f"hf:{folder}@validation")
+        sources.load_source(f"hf:{folder}@validation")
 
 
 def test_hf_source_uses_class_label_names(tmp_path):
@@ -258,7 +259,7 @@ def test_hf_source_uses_class_label_names(tmp_path):
     table = datasets.Dataset.from_dict({"text": ["x", "y", "z", "w"], "label": [0, 1, 1, 0]}, features=features)
     table.to_parquet(str(folder / "train.parquet"))
 
-    loaded = data.load_source(f"hf:{folder}")
+    loaded = sources.load_source(f"hf:{folder}")
 
     assert loaded.label_names == ("zeta", "alpha", "mid")
     assert loaded.labels.tolist() == [0, 1, 1, 0]
@@ -266,7 +267,7 @@ def test_hf_source_uses_class_label_names(tmp_path):
 
 def test_missing_file_is_named():
     with pytest.raises(DataError, match=r"data file 'nowhere/x\.csv' does not exist"):
-        data.load_source("nowhere/x.csv")
+        sources.load_source("nowhere/x.csv")
 
 
 def test_unknown_extension_is_named(tmp_path):
@@ -274,14 +275,14 @@ def test_unknown_extension_is_named(tmp_path):
     path.write_text("irrelevant", encoding="utf-8")
 
     with pytest.raises(DataError, match=r"data\.xlsx.*\.csv, \.jsonl, \.json"):
-        data.load_source(str(path))
+        sources.load_source(str(path))
 
 
 def test_missing_column_is_named_with_columns_found(tmp_path):
     path = _write_csv(tmp_path / "t.csv", "sentence,label", ["a,x", "b,y"])
 
     with pytest.raises(DataError, match=r"no column 'text'; columns found: sentence, label") as error:
-        data.load_source(str(path))
+        sources.load_source(str(path))
     assert "\n" not in str(error.value)
 
 
@@ -289,14 +290,14 @@ def test_single_label_is_rejected_with_count(tmp_path):
     path = _write_csv(tmp_path / "one.csv", "text,label", ["a,same", "b,same"])
 
     with pytest.raises(DataError, match=r"one\.csv' has 1 label with 2 or more examples in column 'label'; expected at least 2"):
-        data.load_source(str(path))
+        sources.load_source(str(path))
 
 
 def test_only_empty_texts_is_rejected(tmp_path):
     path = _write_csv(tmp_path / "empty.csv", "text,label", [" ,a", ",b"])
 
     with pytest.raises(DataError, match="no rows with a non-empty 'text'"):
-        data.load_source(str(path))
+        sources.load_source(str(path))
 
 
 # ------------------------------------------------------------------------------------------- partitions
@@ -306,12 +307,12 @@ def test_only_empty_texts_is_rejected(tmp_path):
 def test_partition_covers_each_index_once_and_is_deterministic(scheme):
     labels = np.random.default_rng(0).integers(0, 5, size=503)
 
-    parts = data.partition(labels, 7, scheme, seed=11)
+    parts = partitions.partition(labels, 7, scheme, seed=11)
 
     assert len(parts) == 7 and all(len(part) > 0 for part in parts)
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
-    assert all(np.array_equal(a, b) for a, b in zip(parts, data.partition(labels, 7, scheme, seed=11)))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, data.partition(labels, 7, scheme, seed=12)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partitions.partition(labels, 7, scheme, seed=11)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, partitions.partition(labels, 7, scheme, seed=12)))
 
 
 def test_dirichlet_with_small_alpha_is_more_skewed_than_iid():
@@ -321,8 +322,8 @@ def test_dirichlet_with_small_alpha_is_more_skewed_than_iid():
         shares = [np.bincount(labels[part], minlength=10) / len(part) for part in parts]
         return float(np.mean([0.5 * np.abs(share - 0.1).sum() for share in shares]))
 
-    iid = mean_distance_to_global(data.partition(labels, 5, "iid", seed=0))
-    skewed = mean_distance_to_global(data.partition(labels, 5, "dirichlet:0.1", seed=0))
+    iid = mean_distance_to_global(partitions.partition(labels, 5, "iid", seed=0))
+    skewed = mean_distance_to_global(partitions.partition(labels, 5, "dirichlet:0.1", seed=0))
 
     assert iid < 0.1
     assert skewed > 0.4
@@ -331,7 +332,7 @@ def test_dirichlet_with_small_alpha_is_more_skewed_than_iid():
 def test_dirichlet_tiny_alpha_still_fills_every_client():
     labels = np.zeros(20, dtype=np.int64)
 
-    parts = data.partition(labels, 10, "dirichlet:0.001", seed=0)
+    parts = partitions.partition(labels, 10, "dirichlet:0.001", seed=0)
 
     assert all(len(part) > 0 for part in parts)
     assert sum(len(part) for part in parts) == 20
@@ -351,9 +352,9 @@ def test_dirichlet_tiny_alpha_still_fills_every_client():
 )
 def test_partition_rejects_bad_arguments(scheme, clients, message):
     with pytest.raises(DataError, match=message):
-        data.partition(np.zeros(10, dtype=np.int64), clients, scheme, seed=0)
+        partitions.partition(np.zeros(10, dtype=np.int64), clients, scheme, seed=0)
 
 
 def test_parse_partition_scheme():
-    assert data.parse_partition_scheme("iid") == ("iid", None)
-    assert data.parse_partition_scheme("dirichlet:0.5") == ("dirichlet", 0.5)
+    assert partitions.parse_partition_scheme("iid") == ("iid", None)
+    assert partitions.parse_partition_scheme("dirichlet:0.5") == ("dirichlet", 0.5)

@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fl.client_app import client_role
-from fl.config import APP_OPTIONS, ConfigError, RunConfig
+from fl.federation.client import client_role
+from fl.run.config import APP_OPTIONS, ConfigError, RunConfig
 from strategies.options import OptionError
 from strategies.rules import default_values
-from fl.model import load_merged
-from fl.server_app import app_options
+from fl.modeling.model import load_merged
+from fl.apps.server_app import app_options
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
@@ -93,7 +93,7 @@ class Flower:
             **os.environ,
             "FLWR_HOME": str(home),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",  # each ClientApp uses one thread (fl.client_app.use_granted_threads)
+            "OMP_NUM_THREADS": "1",  # each ClientApp uses one thread (fl.federation.client.use_granted_threads)
             "FLWR_DISABLE_UPDATE_CHECK": "1",
         }
         self.started: list[subprocess.Popen[bytes]] = []
@@ -370,7 +370,7 @@ def test_app_config_in_pyproject_lists_every_run_config_option_with_its_default(
 
     declared = app["config"]
 
-    assert app["components"] == {"serverapp": "fl.server_app:app", "clientapp": "fl.client_app:app"}
+    assert app["components"] == {"serverapp": "fl.apps.server_app:app", "clientapp": "fl.apps.client_app:app"}
     rule_options = default_values()
     assert {k: v for k, v in declared.items() if k not in APP_OPTIONS and k not in rule_options} == RunConfig().to_record()
     assert {k: v for k, v in declared.items() if k in rule_options} == rule_options

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from fl.batches import Encoded
-from fl.distillation import (
+from fl.data.batches import Encoded
+from fl.modeling.distillation import (
     DistillSettings,
     distill,
     distillation_loss,
@@ -13,7 +13,7 @@ from fl.distillation import (
     kl_to_teacher,
     student_logits,
 )
-from fl.model import MultiHeadEncoder
+from fl.modeling.model import MultiHeadEncoder
 
 LABELS = {"bio": 3, "legal": 4}
 

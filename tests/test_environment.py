@@ -1,6 +1,6 @@
 """Offline by default, online only when a source names a hub."""
 
-from fl.environment import names_hub_source
+from fl.run.environment import names_hub_source
 
 
 def test_embedded_and_local_sources_stay_offline(tmp_path) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fl.report import Effect, spread_markdown
+from fl.studies.report import Effect, spread_markdown
 
 from sims import expert_check
 

@@ -10,9 +10,9 @@ from flwr.common.constant import ErrorCode
 from transformers import AutoModel
 
 from strategies.aggregation import UpdateError
-from strategies.flower import make_strategy, per_domain_metrics
+from strategies.flower.strategy import make_strategy, per_domain_metrics
 from strategies.options import OptionError
-from strategies.replies import RoundFailed, error_text, wait_for_nodes
+from strategies.flower.replies import RoundFailed, error_text, wait_for_nodes
 from strategies.rules import parse_names, settings
 from tests.conftest import tiny_bert_config
 
@@ -190,7 +190,7 @@ def test_a_round_waiting_for_a_node_that_left_gives_up_after_the_reply_timeout_n
     "reason",
     [
         "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ConfigError occurred. Message: bad 'x''>",
-        "<class 'fl.config.ConfigError'>:<'bad 'x''>",
+        "<class 'fl.run.config.ConfigError'>:<'bad 'x''>",
     ],
 )
 def test_error_text_is_the_clients_own_message_in_simulation_and_on_a_supernode(reason: str) -> None:
@@ -338,7 +338,7 @@ def test_a_reply_of_finite_values_large_enough_to_overflow_the_sum_is_refused_na
 
 
 def test_a_merge_that_is_not_finite_is_refused_naming_the_largest_sender() -> None:
-    from strategies.flower import check_merged
+    from strategies.flower.strategy import check_merged
     from strategies.update import ClientUpdate
 
     updates = [ClientUpdate("node 1 (bio-0)", "bio-0", {"w": torch.ones(2)}, 1.0), ClientUpdate("node 2 (legal-0)", "legal-0", {"w": torch.full((2,), 3e38)}, 1.0)]

@@ -1,4 +1,4 @@
-"""Tests for fl.interpolation and sims/barrier.py: exact end points, zero aligned barrier for a permuted twin."""
+"""Tests for fl.studies.interpolation and sims/barrier.py: exact end points, zero aligned barrier for a permuted twin."""
 
 import json
 from collections.abc import Iterator
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.baselines import Workbench, load_data, make_workbench
-from fl.config import RunConfig
-from fl.evaluation import evaluate, pooled_features
-from fl.interpolation import (
+from fl.studies.baselines import Workbench, load_data, make_workbench
+from fl.run.config import RunConfig
+from fl.modeling.evaluation import evaluate, pooled_features
+from fl.studies.interpolation import (
     above_chord,
     accuracy_drop,
     align,
@@ -21,9 +21,9 @@ from fl.interpolation import (
     loss_barrier,
     path_points,
 )
-from fl.model import save_merged
-from fl.permuted_init import permuted_copy
-from fl.probe import fit_probe
+from fl.modeling.model import save_merged
+from fl.federation.permuted_init import permuted_copy
+from fl.modeling.probe import fit_probe
 
 from sims import barrier
 
@@ -53,7 +53,7 @@ def setup(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]) -> Setup:
         model=str(tiny_model_dir), bio_data=str(bio), legal_data=str(legal), train_size=60, test_size=24, max_length=16
     )
     bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    for domain, data in bench.train_sets.items():  # fl.baselines.fit_base, with a cheaper fit
+    for domain, data in bench.train_sets.items():  # fl.studies.baselines.fit_base, with a cheaper fit
         head = fit_probe(pooled_features(bench.model, data), data.labels, 3, max_iter=25)
         bench.model.heads[domain].load_state_dict(head.state_dict())
     return Setup(bench, {k: v.detach().clone() for k, v in bench.model.state_dict().items()})

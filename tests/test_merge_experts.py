@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModel, BertForSequenceClassification, BertModel, BertTokenizerFast
 
-from fl.compatibility import compatibility, moved_units
-from fl.expert_merge import merge, merged_predictor, prepare, refusal
-from fl.experts import load_expert, save_predictor
-from fl.model import MultiHeadEncoder, default_model_path, load_merged, save_merged
-from fl.training import TrainSettings
+from fl.experts.compatibility import compatibility, moved_units
+from fl.experts.merge import merge, merged_predictor, prepare, refusal
+from fl.experts.loading import load_expert, save_predictor
+from fl.modeling.model import MultiHeadEncoder, default_model_path, load_merged, save_merged
+from fl.modeling.training import TrainSettings
 from sims import merge_experts
 from strategies.rules import settings
 from tests.conftest import tiny_bert_config
@@ -158,7 +158,7 @@ def test_a_sequence_classification_checkpoint_scores_with_its_own_classifier(tmp
     for name in TOKENIZER_FILES:
         shutil.copy(default_model_path() / name, tmp_path / "clf" / name)
     checkpoint.eval()
-    from fl.batches import encode
+    from fl.data.batches import encode
 
     expert = load_expert(str(tmp_path / "clf"), ("legal",))
     texts = ["the licence grants a patent", "copyleft applies to the source"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from fl.model import (
+from fl.modeling.model import (
     ModelError,
     build_model,
     check_model,

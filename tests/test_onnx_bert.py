@@ -1,4 +1,4 @@
-"""Tests for fl.onnx_bert: a tiny BertModel laid out as torch.onnx exports it, converted back exactly."""
+"""Tests for fl.experts.onnx_bert: a tiny BertModel laid out as torch.onnx exports it, converted back exactly."""
 
 from dataclasses import dataclass
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from fl.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes
+from fl.experts.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes
 
 PREFIX = "model.0.auto_model."  # sentence-transformers' module path, as in paraphrase-MiniLM-L3-v2.onnx
 SCOPE = "/model/model.0/auto_model/"

@@ -1,4 +1,4 @@
-"""A simulation attached to a running two-node Ray cluster (fl.simulation.SimulationResources; docs/scale-out.md).
+"""A simulation attached to a running two-node Ray cluster (fl.federation.simulation.SimulationResources; docs/scale-out.md).
 
 The cluster is started on loopback with the commands docs/scale-out.md gives, each node with 1 CPU, so 2 clients
 of 1 CPU must run one on each node. Other tests and engineers may run Ray on this machine at the same time:
@@ -24,12 +24,12 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-import fl.client_app
-import fl.simulation
-from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.config import ConfigError, RunConfig
-from fl.rounds import CentralEvaluator
-from fl.simulation import SimulationResources, check_resources, run_strategy
+import fl.federation.client
+import fl.federation.simulation
+from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
+from fl.run.config import ConfigError, RunConfig
+from fl.federation.rounds import CentralEvaluator
+from fl.federation.simulation import SimulationResources, check_resources, run_strategy
 from tests.conftest import tiny_run_config
 
 START_TIMEOUT_S = 120
@@ -104,7 +104,7 @@ def recording_client_app(log: str) -> Callable[[RunConfig], ClientApp]:
     """The project's ClientApp, recording which Ray node served each train message."""
 
     def make(config: RunConfig) -> ClientApp:
-        inner = fl.client_app.make_client_app(config)
+        inner = fl.federation.client.make_client_app(config)
         app = ClientApp()
 
         @app.train()
@@ -132,8 +132,8 @@ def test_two_clients_run_one_on_each_node_of_a_ray_cluster_that_outlives_each_st
     start, base_scores = fit_base(bench)
     served = tmp_path / "served.txt"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(fl.simulation, "make_client_app", recording_client_app(str(served)))
-    caplog.set_level(logging.INFO, logger="fl.simulation")
+    monkeypatch.setattr(fl.federation.simulation, "make_client_app", recording_client_app(str(served)))
+    caplog.set_level(logging.INFO, logger="fl.federation.simulation")
 
     with two_node_cluster() as (address, folder, groups):
         resources = SimulationResources(ray_address=address, cpus_per_client=1)

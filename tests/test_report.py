@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fl.evaluation import Score, macro_f1
-from fl.report import effects, label_positions, markdown, paired_difference, plot_curves, table_row
+from fl.modeling.evaluation import Score, macro_f1
+from fl.studies.report import effects, label_positions, markdown, paired_difference, plot_curves, table_row
 
 
 def score(correct: list[bool]) -> Score:

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from fl.baselines import fit_base, load_data, make_workbench
-from fl.client_app import ClientRole, client_data, encoded_domain
-from fl.rounds import CentralEvaluator
-from fl.simulation import run_strategy
+from fl.studies.baselines import fit_base, load_data, make_workbench
+from fl.federation.client import ClientRole, client_data, encoded_domain
+from fl.federation.rounds import CentralEvaluator
+from fl.federation.simulation import run_strategy
 from strategies.rules import settings
-from strategies.sampling import client_order, sample_clients
-from strategies.streaming import ReplyStream
+from strategies.flower.sampling import client_order, sample_clients
+from strategies.flower.streaming import ReplyStream
 from tests.conftest import tiny_run_config
 
 NAMES = {node: f"{domain}-{part}" for node, (domain, part) in enumerate((d, p) for d in ("bio", "legal") for p in range(10))}

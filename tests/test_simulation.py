@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.rounds import CentralEvaluator
-from fl.simulation import SimulationFailed, run_strategy
+from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
+from fl.federation.rounds import CentralEvaluator
+from fl.federation.simulation import SimulationFailed, run_strategy
 from strategies.rules import settings
 from tests.conftest import tiny_run_config
 

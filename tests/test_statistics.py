@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from fl.batches import Encoded, collate, training_batches
-from fl.model import MultiHeadEncoder
-from fl.statistics import client_statistic, fisher_diagonal, input_grams
-from fl.training import TrainSettings
+from fl.data.batches import Encoded, collate, training_batches
+from fl.modeling.model import MultiHeadEncoder
+from fl.modeling.client_statistics import client_statistic, fisher_diagonal, input_grams
+from fl.modeling.training import TrainSettings
 from tests.conftest import tiny_bert_config
 
 

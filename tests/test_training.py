@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from fl.batches import collate, encode
-from fl.evaluation import evaluate
-from fl.model import build_model, cpu_state, load_tokenizer
-from fl.training import TrainSettings, train
+from fl.data.batches import collate, encode
+from fl.modeling.evaluation import evaluate
+from fl.modeling.model import build_model, cpu_state, load_tokenizer
+from fl.modeling.training import TrainSettings, train
 
 TEXTS = ["the heart is large", "the kidney fails", "a bone breaks", "the heart beats fast"] * 4
 LABELS = [0, 1, 2, 0] * 4
@@ -69,7 +69,7 @@ def test_frozen_word_embeddings_stay_put(tiny_model_dir: Path) -> None:
 def test_an_explicit_cpu_device_trains_and_scores_bit_for_bit_as_before(tiny_model_dir: Path) -> None:
     from transformers import AutoModel
 
-    from fl.model import MultiHeadEncoder
+    from fl.modeling.model import MultiHeadEncoder
 
     settings = TrainSettings(steps=2, batch_size=4, proximal_mu=0.1)
     _, data = tiny(tiny_model_dir)
@@ -87,7 +87,7 @@ def test_an_explicit_cpu_device_trains_and_scores_bit_for_bit_as_before(tiny_mod
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
-    from fl.training import lr_factor
+    from fl.modeling.training import lr_factor
 
     factor = lr_factor("linear", 20)
 

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fl.vocabulary import (
+from fl.experts.vocabulary import (
     Overlap,
     VocabularyError,
     check_ids,

@@ -1,0 +1,132 @@
+"""Pre-flight memory check for a Flower simulation: refuse a federation that cannot fit, before any work.
+
+In a simulation the ServerApp, the in-memory SuperLink and every reply live in the driver process. A rule that
+merges replies as they arrive (FedAvg, FedProx: ``strategies.flower.streaming``) holds only the few in flight, whatever
+the number of clients; any other rule holds one round's replies (the K clients trained per round) until the round
+is complete, and drops them once merged. Besides those the driver keeps about three copies of the global model
+(the start, the current one, the last message that carried it). The Ray actors (one per granted CPU share) each
+hold the libraries, one model kept between messages with its gradients and AdamW state, and one tokenised copy
+of each domain they serve. Past what the machine has, the kernel kills a process or Ray's memory monitor kills an
+actor mid-round. A rule whose clients send statistics makes each reply larger by them (a Fisher: one float per
+weight; Grams: in x in floats per linear layer), computed from the model's config like the weights. The constants
+were fitted, with margin, to the peak memory (PSS) of the whole process tree measured by ``bench/scale.py``
+(MiniLM-L6, 2 actors; see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl.run.config import ConfigError, RunConfig
+from fl.modeling.model import resolve_model
+
+GIB = 2**30
+FIXED_BYTES = int(1.0 * GIB)  # driver with torch, transformers, flwr and ray imported, plus Ray's own daemons
+PER_ACTOR_BYTES = int(0.9 * GIB)  # a Ray actor's libraries, data caches and allocator growth over rounds
+ACTOR_MODEL_COPIES = 4.0  # per actor: received weights, model, gradients and AdamW's two moments
+REPLY_MODEL_COPIES = 1.1  # per reply held by the driver (measured: 1.05-1.1 model copies)
+GLOBAL_MODEL_COPIES = 3  # the driver's start, current and last-sent global model
+IN_FLIGHT_EXTRA = 2  # replies a streamed merge may hold beyond one per actor (pulled together, or out of order)
+RETAINED_COPIES = 16  # freed reply buffers the driver's allocator keeps (measured: 14-19 model copies at 100-1000 clients)
+HEADROOM = 0.85  # of the available memory; the rest is left to the page cache and to other processes' growth
+
+
+class CapacityError(ConfigError):
+    """The simulation would need more memory than this machine has available."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    num_clients: int
+    num_actors: int
+    model_bytes: int
+    peak_bytes: int
+    available_bytes: int
+    replies_held: int  # at the peak: the replies in flight (streamed merge) or one round's (any other rule)
+    streamed: bool  # every rule of the run merges replies as they arrive
+    max_clients: int  # the largest client count whose estimate fits
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_clients} clients need about {self.peak_bytes / GIB:.1f} GiB "
+            f"({FIXED_BYTES / GIB:.1f} GiB base + {self.num_actors} actors + {self.replies_held} replies or global copies of "
+            f"{self.model_bytes / 2**20:.0f} MiB)"
+            f" and {HEADROOM:.0%} of the available memory is {HEADROOM * self.available_bytes / GIB:.1f} GiB"
+        )
+
+
+def model_bytes(model_path: str, statistic: str = "") -> int:
+    """Float32 bytes of the encoder's weights plus the statistic a client sends with them ('fisher', 'gram' or
+    none), from the config alone (no weight file read, no memory used)."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    weights = sum(4 * p.numel() for p in encoder.parameters())
+    if statistic == "fisher":
+        return 2 * weights
+    if statistic == "gram":
+        return weights + sum(4 * m.in_features**2 for m in encoder.modules() if isinstance(m, nn.Linear))
+    return weights
+
+
+def available_memory() -> int:
+    """MemAvailable, or what the cgroup still allows if that is less."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if limit.is_file() and used.is_file() and limit.read_text().strip() != "max":
+        available = min(available, int(limit.read_text()) - int(used.read_text()))
+    return available
+
+
+def replies_held(per_round: int, num_actors: int, streamed: bool) -> int:
+    """Model-sized objects the driver holds at once: the global copies plus the replies in flight (a streamed
+    merge) or the round's replies (any other rule)."""
+    replies = min(per_round, num_actors + IN_FLIGHT_EXTRA + RETAINED_COPIES) if streamed else per_round
+    return GLOBAL_MODEL_COPIES + replies
+
+
+def estimate_peak(replies: int, num_actors: int, model: int) -> int:
+    actors = num_actors * (PER_ACTOR_BYTES + ACTOR_MODEL_COPIES * model)
+    return int(FIXED_BYTES + actors + replies * REPLY_MODEL_COPIES * model)
+
+
+def check_fits(
+    config: RunConfig,
+    model_path: str | None = None,
+    available: int | None = None,
+    statistics: tuple[str, ...] = (),
+    streamed: bool = False,
+) -> MemoryEstimate:
+    """Estimate the simulation's peak memory; raise CapacityError (one line) if it exceeds the headroom.
+
+    Call it before loading data or weights (``model_path`` defaults to ``config.model``); ``available``
+    defaults to what the machine has now; ``statistics`` are those the run's rules ask clients for (the
+    largest reply counts); ``streamed``: every rule of the run merges replies as they arrive.
+    """
+    path = model_path or resolve_model(config.model)
+    model = max(model_bytes(path, statistic) for statistic in ("", *statistics))
+    free = available_memory() if available is None else available
+    cores = os.cpu_count() or 1
+    actors = min(config.num_clients, cores)  # fl.federation.simulation grants each client cores // min(clients, cores) CPUs
+    budget = HEADROOM * free
+    per_round = config.sampled_clients
+    held = replies_held(per_round, actors, streamed)
+    fixed = estimate_peak(GLOBAL_MODEL_COPIES, cores, model)  # a large federation uses every core
+    max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * model)))
+    found = MemoryEstimate(
+        num_clients=config.num_clients, num_actors=actors, model_bytes=model, peak_bytes=estimate_peak(held, actors, model),
+        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients,
+    )
+    if found.peak_bytes > budget:
+        option = f"--clients-per-round {config.clients_per_round}" if per_round < config.num_clients else f"--clients-per-domain {config.clients_per_domain}"
+        raise CapacityError(
+            f"{option}: {found.describe()}; at most about {max_clients} clients per round fit"
+            " (fedavg and fedprox merge replies as they arrive and need no more for more clients)"
+        )
+    return found

@@ -1,0 +1,215 @@
+"""The Flower ClientApp: one data holder fine-tuning the global encoder on its own domain.
+
+A client serves one domain and one partition of it: in simulation both follow from ``partition-id``
+(clients_per_domain consecutive ids per domain); in a deployment the SuperNode's ``--node-config``
+may name them (``domain="bio" partition-id=0 num-partitions=1``). It trains the encoder and its own
+head, and sends back exactly those weights, plus the statistic the server's merge rule asks for in the train
+config (``statistic``: a diagonal Fisher or the Gram matrices of layer inputs, ``fl.modeling.client_statistics``). Asked by a
+``query`` message, it tells its domain and its label names, so a server that holds no text can still build
+the heads. With ``attack`` in the run config, the clients it names poison their training replies (``fl.modeling.attacks``:
+a measurement tool, the server is not told who they are).
+
+In simulation a Ray actor serves many clients in turn, so what does not depend on the client is kept per process:
+each domain's split, tokenised once, with its partition, and one model that each message's weights are loaded into.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl.modeling.attacks import flipped_labels, poison
+from fl.data.batches import Encoded, encode
+from fl.run.config import ConfigError, RunConfig, split_run_config
+from fl.data.splits import DomainData, load_domain
+from fl.data.partitions import partition
+from fl.modeling.evaluation import evaluate
+from fl.modeling.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, num_attention_heads, resolve_model
+from fl.federation.permuted_init import client_seed, permuted_copy
+from fl.modeling.client_statistics import STATISTICS, client_statistic
+from fl.modeling.training import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientRole:
+    domain: str
+    partition_id: int
+    num_partitions: int
+
+
+def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientRole:
+    """Read which domain and partition this node serves, refusing values outside the federation."""
+    if "domain" in node_config:
+        domain = str(node_config["domain"])
+        if domain not in config.domains:
+            raise ConfigError(f"node domain '{domain}' is unknown: expected one of {', '.join(config.domains)}")
+        part = int(node_config.get("partition-id", 0))  # type: ignore[arg-type]
+        count = int(node_config.get("num-partitions", 1))  # type: ignore[arg-type]
+        if not 0 <= part < count:
+            raise ConfigError(f"partition-id {part} out of range: expected 0..{count - 1}")
+        return ClientRole(domain, part, count)
+    domain, part = config.client_domain(int(node_config.get("partition-id", 0)))  # type: ignore[arg-type]
+    return ClientRole(domain, part, config.clients_per_domain)
+
+
+@lru_cache(maxsize=8)
+def domain_source(config: RunConfig, domain: str) -> DomainData:
+    """A domain's split, loaded once per process: every client of the domain that this actor serves shares it."""
+    return load_domain(
+        domain,
+        config.domain_sources[domain],
+        train_size=config.train_size,
+        test_size=config.test_size,
+        seed=config.seed,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        group_column=config.group_column,
+    )
+
+
+@lru_cache(maxsize=8)
+def encoded_domain(config: RunConfig, domain: str, num_partitions: int) -> tuple[Encoded, Encoded, list[np.ndarray]]:
+    """A domain's tokenised training and test sets and its partition, once per process (not once per client):
+    a client's message then costs only the slicing of its partition."""
+    data = domain_source(config, domain)
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    parts = partition(data.train.labels, num_partitions, config.partition, config.seed)
+    return (
+        encode(tokenizer, data.train.texts, data.train.labels, config.max_length),
+        encode(tokenizer, data.test.texts, data.test.labels, config.max_length),
+        parts,
+    )
+
+
+def client_data(config: RunConfig, role: ClientRole) -> tuple[Encoded, Encoded, int]:
+    """This client's tokenised training partition, its domain's test set, and the domain's label count."""
+    train_all, test, parts = encoded_domain(config, role.domain, role.num_partitions)
+    return train_all.subset(parts[role.partition_id]), test, domain_source(config, role.domain).num_labels
+
+
+def training_set(config: RunConfig, role: ClientRole) -> Encoded:
+    """The examples this client trains on: its partition, with deranged labels if --attack made it a label flipper."""
+    train_data, _, num_labels = client_data(config, role)
+    attack = config.attack_of(role.domain, role.partition_id)
+    if attack is not None and attack.kind == "label-flip":
+        return replace(train_data, labels=flipped_labels(train_data.labels, num_labels, config.seed))
+    return train_data
+
+
+def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {k.split(".")[1]: int(v.shape[0]) for k, v in state.items() if k.startswith("heads.") and k.endswith(".weight")}
+
+
+def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels: int) -> MultiHeadEncoder:
+    """Build the model skeleton from the received heads' shapes and load the global weights into it.
+
+    With init 'permuted', the first round's weights are replaced by this client's own permutation of them.
+    """
+    state = msg.content["arrays"].to_torch_state_dict()
+    if config.init == "permuted" and int(msg.content["config"].get("server-round", 0)) == 1:
+        index = config.domains.index(role.domain) * role.num_partitions + role.partition_id
+        state = permuted_copy(state, num_attention_heads(config.model), client_seed(config.seed, index))
+    sizes = head_sizes(state)
+    if sizes.get(role.domain) != num_labels:
+        raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
+    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device)
+    model.load_state_dict(state)
+    return model
+
+
+@lru_cache(maxsize=1)
+def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str) -> MultiHeadEncoder:
+    """One model per process, reloaded with each message's weights: building it from the config cost 0.3-0.6 s a
+    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards)."""
+    return build_skeleton(model_path, dict(sizes), device)
+
+
+def use_granted_threads() -> None:
+    """Use exactly the CPUs the simulation granted (Ray sets OMP_NUM_THREADS): oversubscription costs 10-35x here."""
+    granted = os.environ.get("OMP_NUM_THREADS")
+    if granted and granted.isdigit() and int(granted) > 0:
+        torch.set_num_threads(int(granted))
+
+
+def make_client_app(config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp bound to `config`, or reading Flower's run config when None (``flwr run``)."""
+    app = ClientApp()
+
+    def setup(context: Context) -> tuple[RunConfig, ClientRole]:
+        use_granted_threads()
+        cfg = config if config is not None else split_run_config(context.run_config).config
+        return cfg, client_role(cfg, context.node_config)
+
+    @app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        train_data, _, num_labels = client_data(cfg, role)
+        model = receive_model(cfg, role, msg, num_labels)
+        train_config = msg.content["config"]
+        server_round = int(train_config["server-round"])
+        mu = float(train_config.get("proximal-mu", 0.0))
+        statistic = str(train_config.get("statistic", ""))
+        if statistic and statistic not in STATISTICS:
+            raise ConfigError(f"the server asks for statistic '{statistic}': expected one of {', '.join(STATISTICS)}")
+        tag = f"{role.domain}-{role.partition_id}"
+
+        def progress(step: int, _domain: str, loss: float) -> None:
+            if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.local_steps:
+                log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
+
+        seed = cfg.seed + 1000 * server_round + 17 * role.partition_id + 7919 * cfg.domains.index(role.domain)
+        settings = cfg.train_settings(proximal_mu=mu)
+        attack = cfg.attack_of(role.domain, role.partition_id)  # None for an honest client; --attack is a measurement tool
+        received = client_state(model, role.domain) if attack else {}
+        report = train(model, [(role.domain, training_set(cfg, role))], settings, seed, progress)
+        trained = client_state(model, role.domain)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(poison(attack, received, trained, seed) if attack else trained),
+                "metrics": MetricRecord({"train-loss": report.mean_loss, "num-examples": report.num_examples}),
+                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
+            }
+        )
+        if statistic:
+            batches = int(train_config.get("statistic-batches", 1))
+            content[statistic] = ArrayRecord(client_statistic(statistic, model, role.domain, train_data, batches, settings, seed))
+            log.info("client %s round %d: %s over %d batches", tag, server_round, statistic, batches)
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        _, test_data, num_labels = client_data(cfg, role)
+        model = receive_model(cfg, role, msg, num_labels)
+        score = evaluate(model, role.domain, test_data)
+        content = RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {"eval-loss": score.loss, "eval-accuracy": score.accuracy, "num-examples": len(test_data)}
+                ),
+                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def query_handler(msg: Message, context: Context) -> Message:
+        cfg, role = setup(context)
+        client = ConfigRecord({"domain": role.domain, "partition-id": role.partition_id})
+        if not msg.content["config"].get("roll-call", False):  # a roll call only asks whom the node serves
+            client["labels"] = list(domain_source(cfg, role.domain).train.label_names)
+        content = RecordDict({"client": client})
+        return Message(content=content, reply_to=msg)
+
+    return app
+

@@ -1,0 +1,146 @@
+"""The command-line options every experiment shares, parsed once into a RunConfig and checked early.
+
+Each entry point in ``sims/`` adds its own options (``--strategies``, ``--out``...) to this parser, so a
+flag means the same in every script, and bad input stops with one line and exit code 2 before any
+weights load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
+
+from fl.run.config import ConfigError, RunConfig
+from fl.data.user_files import DataError
+from fl.data.partitions import parse_partition_scheme
+from fl.modeling.model import ModelError
+from strategies.options import OptionError
+from strategies.rules import RULES, RuleSetting, inline_values, option_keys, parse_names, settings
+
+INPUT_ERRORS = (OptionError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
+QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
+RUN_CONFIG_FIELDS = frozenset(f.name for f in fields(RunConfig))
+
+
+def run_options(description: str) -> argparse.ArgumentParser:
+    """A parser with every data, model and training option of RunConfig.
+
+    Their defaults are RunConfig's, shown in the help, but argparse is given none (SUPPRESS): the parsed
+    namespace then holds exactly the options the user gave, abbreviations included, which --quick needs.
+    """
+    defaults = RunConfig()
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def option(flag: str, help: str = "", **kwargs: object) -> None:
+        name = flag.removeprefix("--").replace("-", "_")
+        shown = f"{help} (default: {getattr(defaults, name)})".strip()
+        p.add_argument(flag, default=argparse.SUPPRESS, help=shown.replace("%", "%%"), **kwargs)
+
+    option("--rounds", type=int)
+    option("--local-steps", "optimizer steps per client per round", type=int)
+    option("--clients-per-domain", type=int)
+    option("--clients-per-round", "clients trained each round: all, a count K, or a fraction in (0, 1); drawn with --seed, every domain represented when K allows")
+    option("--partition", "iid or dirichlet:ALPHA (within each domain)")
+    option("--model", "Hugging Face id or local folder; 'default' = embedded MiniLM-L6")
+    option("--bio-data", "'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    option("--legal-data", "'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    option("--text-column")
+    option("--label-column")
+    option("--group-column", "rows sharing its value stay on one side of the train/test split (.csv/.jsonl/hf: data)")
+    option("--train-size", "training examples per domain", type=int)
+    option("--test-size", "test examples per domain", type=int)
+    option("--max-length", "tokens per example", type=int)
+    option("--batch-size", type=int)
+    option("--lr", "encoder learning rate", type=float)
+    option("--head-lr", type=float)
+    option("--lr-schedule", "linear (10% warm-up, decay to 0 each round) or constant")
+    option("--init", "shared, or permuted: each client starts from its own permutation of the base")
+    option(
+        "--attack",
+        "simulated attackers, a measurement tool: scale:F:COUNT (send global + F*update), sign-flip[:F]:COUNT "
+        "(global - F*update), noise:SIGMA:COUNT (trained + Gaussian noise), label-flip:COUNT (train on deranged labels); "
+        "COUNT clients drawn with --seed attack, results.json names them",
+    )
+    option("--device", "torch device of training and scoring: cpu, cuda, cuda:1...; refused when this machine lacks it")
+    option("--seed", type=int)
+    p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
+    return p
+
+
+def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", default: str = "fedavg,fedprox") -> None:
+    """`flag` (the rules to run, parsed into ``args.strategies``) and one flag per option of every merge rule, from
+    the rules' own declarations."""
+    p.add_argument(
+        flag,
+        dest="strategies",
+        metavar=flag.removeprefix("--").upper(),
+        default=default,
+        help=f"comma-separated merge rules ({', '.join(RULES)}); a variant takes options inline: ties:density=0.1:lambda=2",
+    )
+    group = p.add_argument_group("merge-rule options", "each applies to its rule only (README: table of rules)")
+    for key, (_, option) in option_keys().items():
+        shown = f"{option.help}; {option.range_text} (default: {option.default})".replace("%", "%%")
+        if option.kind is bool:
+            group.add_argument(f"--{key}", dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
+        else:
+            group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=option.kind.__name__.upper(), help=shown)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The options given as a validated RunConfig; with --quick, the quick values for options not given."""
+    values = {k: v for k, v in vars(args).items() if k in RUN_CONFIG_FIELDS}
+    if args.quick:
+        values = {**QUICK, **values}
+    config = replace(RunConfig(), **values).validate()
+    parse_partition_scheme(config.partition)
+    return config
+
+
+def rule_settings(args: argparse.Namespace) -> list[RuleSetting]:
+    """The --strategies with their options; an option of a rule that is not selected is refused (a typo, or a
+    forgotten strategy, would otherwise pass silently)."""
+    entries = parse_names(args.strategies)
+    selected = {inline_values(entry)[0].name for entry in entries}
+    keys = option_keys()
+    given = {k: v for k, v in vars(args).items() if k in keys}
+    for key in given:
+        rule = keys[key][0].name
+        if rule not in selected:
+            raise OptionError(f"--{key} is an option of {rule}, which --strategies {args.strategies} does not select")
+    return settings(entries, given)
+
+
+def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:
+    """--training-seeds, for the scripts that train experts across seeds without Flower (--device is run_options')."""
+    p.add_argument("--training-seeds", default=offsets, help="comma-separated offsets added to each expert's training seed")
+
+
+def parse_offsets(text: str) -> list[int]:
+    """--training-seeds: distinct offsets added to each expert's training seed."""
+    try:
+        offsets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        offsets = []
+    if not offsets or len(set(offsets)) != len(offsets):
+        raise ConfigError(f"--training-seeds '{text}': expected distinct integers separated by commas")
+    return offsets
+
+
+def console_logging() -> None:
+    """Progress lines with a clock, without the chatter of the HTTP and dataset libraries."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ["httpx", "urllib3", "datasets", "filelock", "alembic"]:  # alembic: Flower's state database, on import
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """A sims/ script's `if __name__ == "__main__"`: run it, print its wall time when it succeeded, exit with its code."""
+    started = time.monotonic()
+    code = main()
+    if code == 0:
+        print(f"total wall time {time.monotonic() - started:.0f} s")
+    sys.exit(code)

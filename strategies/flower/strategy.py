@@ -1,0 +1,278 @@
+"""One Flower strategy that merges with any registered rule: Flower's FedAvg round loop, fedmerge's merge.
+
+Flower's ``Strategy.start`` runs the rounds; this class only fills its hooks. ``configure_train`` remembers the
+global model and tells the clients what the rule needs from them (FedProx's mu, which statistic to send);
+``aggregate_train`` keeps the usable replies (``strategies.flower.replies``), reads each as a zero-copy view of its
+bytes, and merges with the rule (``strategies.rules``), which checks every client first. Every returned key is
+merged over the clients that sent it, so a domain head is never diluted by clients that did not train it; keys
+nobody sent keep their global value. Replies are merged in the order of their clients' names, not of arrival,
+so the same seed gives the same sums. The merged model is checked finite before it becomes the global one.
+Client evaluations are checked and averaged per domain.
+
+Cross-device scale: with ``clients_per_round`` K, each round trains K clients drawn with the seed and the round
+(``strategies.flower.sampling``), every domain represented when K allows; a roll call (a query without data) first learns
+which client each node serves. A rule that is a weighted mean (FedAvg, FedProx) merges each reply as it arrives
+(``strategies.flower.streaming``), so the server holds only the replies in flight; every rule empties the replies' arrays
+once merged, which Flower's loop would otherwise keep alive for another round.
+
+A resumed run starts Flower's loop again at its round 1: ``first_round`` shifts every round number the hooks
+see (and send to clients, whose seeds derive from it) to the real one, so round k + 1 of a resumed run is the
+round k + 1 of an uninterrupted one. ``state()`` / ``restore()`` carry what the strategy learned across that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from strategies.aggregation import UpdateError, all_finite
+from strategies.flower.records import record_views
+from strategies.flower.replies import ReplyPolicy, check_evaluation, check_own_head, client_identity, describe_client
+from strategies.rules import RuleSetting, check_client
+from strategies.flower.sampling import sample_clients
+from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
+from strategies.update import ClientUpdate, MergeContext
+
+
+log = logging.getLogger(__name__)
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of the clients' metrics within each domain (``client`` record), keys prefixed by the domain.
+
+    One mean over all clients would mix domains of different sizes and difficulty into one number.
+    """
+    by_domain: dict[str, list[RecordDict]] = {}
+    for record in records:
+        by_domain.setdefault(str(record["client"]["domain"]), []).append(record)
+    merged = MetricRecord()
+    for domain, group in sorted(by_domain.items()):
+        for key, value in aggregate_metricrecords(group, weighted_by_key).items():
+            merged[f"{domain}-{key}"] = value
+        merged[f"{domain}-{weighted_by_key}"] = sum(int(r["metrics"][weighted_by_key]) for r in group)
+        merged[f"{domain}-clients"] = len(group)
+    return merged
+
+
+class RuleStrategy(FedAvg):
+    """Trains every client (or K drawn with the seed) each round and merges their replies with ``setting``'s rule."""
+
+    def __init__(
+        self,
+        setting: RuleSetting,
+        num_clients: int,
+        client_eval: bool,
+        policy: ReplyPolicy,
+        num_heads: int | None = None,
+        seed: int = 0,
+        max_eval_examples: int | None = None,
+        clients_per_round: int | None = None,
+        in_flight: int | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            min_train_nodes=num_clients,
+            min_available_nodes=num_clients,
+            fraction_evaluate=1.0 if client_eval else 0.0,
+            min_evaluate_nodes=num_clients if client_eval else 0,
+            evaluate_metrics_aggr_fn=per_domain_metrics,
+        )
+        self.setting = setting
+        self.policy = policy
+        self.num_heads = num_heads
+        self.seed = seed
+        self.max_eval_examples = max_eval_examples  # a client's test split holds at most this many examples
+        self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
+        self.clients_per_round = clients_per_round  # None: every client trains every round
+        self.in_flight = in_flight  # messages sent ahead of their replies (simulation: a few per actor); None: all
+        self.streams = setting.rule.streams and setting.rule.statistic is None  # merge each reply as it arrives
+        self.stream: InOrderMean | None = None  # this round's streamed merge
+        self.sampled: list[str] = []  # the clients this round sent training to, when sampling
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.client_history: list[dict[str, object]] = []
+        self.client_evaluations: dict[int, dict[str, float]] = {}  # round -> per-domain means of client evaluations
+
+    def real_round(self, server_round: int) -> int:
+        return server_round + self.first_round - 1
+
+    def state(self) -> dict[str, object]:
+        """What the strategy learned so far, as JSON: enough to continue after a restart."""
+        policy = self.policy
+        return {
+            "client-history": self.client_history,
+            "client-evaluations": {str(r): m for r, m in self.client_evaluations.items()},
+            "num-nodes": policy.num_nodes,
+            "lost-nodes": {str(r): lost for r, lost in policy.lost_nodes.items()},
+        }
+
+    def restore(self, state: dict[str, object], completed_round: int) -> None:
+        """Continue after `completed_round` with the state a checkpoint saved (``state()``)."""
+        self.first_round = completed_round + 1
+        self.client_history = list(state["client-history"])  # type: ignore[call-overload]
+        self.client_evaluations = {int(r): dict(m) for r, m in state["client-evaluations"].items()}  # type: ignore[union-attr]
+        self.policy.num_nodes = int(state["num-nodes"])  # type: ignore[call-overload]
+        self.policy.lost_nodes = {int(r): list(v) for r, v in state["lost-nodes"].items()}  # type: ignore[union-attr]
+        for entry in self.client_history:  # the history's "lost" lists are the policy's lists, as in aggregate_train
+            entry["lost"] = self.policy.lost_nodes.setdefault(int(entry["round"]), entry["lost"])  # type: ignore[arg-type]
+
+    def start(self, grid: Grid, *args: object, **kwargs: object) -> Result:
+        """Flower's round loop, on a grid that hands each training reply to the streamed merge as it arrives."""
+        return super().start(ReplyStream(grid, self.on_reply, self.in_flight), *args, **kwargs)  # type: ignore[arg-type]
+
+    def sampling(self) -> bool:
+        """Whether this round trains only some of the nodes still expected."""
+        return self.clients_per_round is not None and self.clients_per_round < self.policy.num_nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = self.real_round(server_round)
+        self.global_state = arrays.to_torch_state_dict()
+        self.follow_policy()
+        nodes = self.policy.wait(grid, f"round {server_round}")
+        for key, value in self.setting.client_config().items():
+            config[key] = value
+        self.stream, self.sampled = None, []
+        if not (self.sampling() or self.streams):
+            return self.policy.sending(super().configure_train(server_round, arrays, config, grid))
+        self.roll_call(grid, nodes, server_round)  # sampling by domain and merging in name order need every role
+        names = {node: self.policy.node_roles[node] for node in nodes if node in self.policy.node_roles}
+        chosen = sample_clients(names, self.clients_per_round or len(names), self.seed, server_round)
+        if self.sampling():
+            self.sampled = [names[node] for node in chosen]
+            log.info("round %d: training %d of %d clients: %s", server_round, len(chosen), len(names), ", ".join(self.sampled))
+        chosen.sort(key=lambda node: names[node])  # sent in the order they are merged in: few replies wait for others
+        if self.streams:
+            self.stream = InOrderMean([names[node] for node in chosen], self.admit)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self.policy.sending(self._construct_messages(record, chosen, MessageType.TRAIN))
+
+    def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
+        """Ask the nodes whose client is not yet known which one they serve (a query without data)."""
+        unknown = [node for node in nodes if node not in self.policy.node_roles]
+        if not unknown:
+            return
+        record = RecordDict({"config": ConfigRecord({"roll-call": True})})
+        queries = [Message(record, dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
+        self.policy.sending(queries)
+        unwindowed = getattr(grid, "grid", grid)  # queries carry no weights: all at once, past the ReplyStream's window
+        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=self.policy.reply_timeout)))
+
+    def on_reply(self, msg: Message) -> Message:
+        """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
+        if self.stream is None or msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
+            return msg
+        return self.stream.arrive(msg, client_identity(msg))
+
+    def admit(self, msg: Message) -> ClientUpdate:
+        """A training reply's update after every check the buffered merge would make."""
+        self.policy.check_role(msg)
+        update = self.client_update(msg)
+        check_client(self.global_state, update.state, update.weight, update.name)
+        return update
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = self.real_round(server_round)
+        self.follow_policy()
+        if self.fraction_evaluate > 0:
+            self.policy.wait(grid, f"round {server_round}")
+        return self.policy.sending(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def follow_policy(self) -> None:
+        """Wait for, and sample, only the nodes the policy still expects (fewer after a loss in continue mode)."""
+        self.min_available_nodes = self.min_train_nodes = self.policy.num_nodes
+        if self.min_evaluate_nodes:
+            self.min_evaluate_nodes = self.policy.num_nodes
+
+    def client_update(self, msg: Message) -> ClientUpdate:
+        statistic = self.setting.rule.statistic
+        stats = record_views(msg.content[statistic.name]) if statistic and statistic.name in msg.content else {}
+        name = describe_client(msg)
+        state = record_views(msg.content[self.arrayrecord_key])
+        check_own_head(msg, state)
+        update = ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
+        check_magnitude(name, update.state, FLOAT32_MAX / ((self.policy.max_examples or update.weight) * max(self.policy.num_nodes, 1)))
+        return update
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.real_round(server_round)
+        usable = sorted(self.policy.usable(server_round, "train", list(replies)), key=lambda m: client_identity(m) or "")
+        context = MergeContext(server_round, self.seed, self.num_heads)
+        merged = dict(self.global_state)
+        if self.stream is not None:
+            streamed, updates = self.stream.finish(client_identity(m) or "" for m in usable)
+            merged.update(streamed)
+        else:
+            updates = [self.client_update(msg) for msg in usable]
+            merged.update(self.setting.merge(self.global_state, updates, context))
+        check_merged(server_round, merged, updates)
+        entry: dict[str, object] = {
+            "round": server_round,
+            "clients": [
+                {"client": u.name, **dict(m.content["metrics"].items()), "bytes-sent": client_bytes(self.stream, m, u.identity), **context.notes.get(u.name, {})}
+                for u, m in zip(updates, usable)
+            ],
+            "lost": self.policy.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
+        }
+        if self.sampled:
+            entry["sampled"] = self.sampled
+        self.client_history.append(entry)
+        metrics = self.train_metrics_aggr_fn([m.content for m in usable], self.weighted_by_key)
+        del updates
+        for msg in usable:  # Flower's loop keeps this round's replies until the next round's arrive
+            drop_arrays(msg)
+        self.stream = None
+        return ArrayRecord(merged, keep_input=False), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round = self.real_round(server_round)
+        usable = self.policy.usable(server_round, "evaluate", list(replies))
+        for msg in usable:
+            check_evaluation(msg, self.max_eval_examples)
+        metrics = super().aggregate_evaluate(server_round, usable)
+        if metrics is not None:
+            self.client_evaluations[server_round] = dict(metrics)
+        return metrics
+
+
+def check_magnitude(name: str, state: dict[str, torch.Tensor], limit: float) -> None:
+    """Refuse finite values so large that the weighted float32 sum of a round could overflow (1e36 passes every
+    finiteness check; trained weights are of order 1)."""
+    for key, value in state.items():
+        if value.is_floating_point() and value.numel() and (largest := max(abs(float(x)) for x in torch.aminmax(value))) > limit:
+            raise UpdateError(f"{name}: key '{key}' holds values up to {largest:.3g}: expected at most {limit:.3g} in magnitude (a round's float32 sum could overflow)")
+
+
+def check_merged(server_round: int, merged: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> None:
+    """Every merged float tensor finite; finite replies can still overflow a float32 sum (values near 1e36)."""
+    for key, value in merged.items():
+        if value.is_floating_point() and not all_finite(value):
+            senders = [(float(u.state[key].abs().max()), u.name) for u in updates if key in u.state]
+            largest, name = max(senders, default=(math.nan, "no client"))
+            raise UpdateError(f"round {server_round}: merged '{key}' is not finite: {name} sent values up to {largest:.3g} (largest of the round)")
+
+
+def make_strategy(
+    setting: RuleSetting,
+    num_clients: int,
+    client_eval: bool,
+    num_heads: int | None = None,
+    seed: int = 0,
+    reply_timeout: float = 3600.0,
+    continue_on_loss: bool = False,
+    max_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    clients_per_round: int | None = None,
+    in_flight: int | None = None,
+) -> RuleStrategy:
+    """The strategy of one run: ``setting``'s rule, its reply policy, every client (or K per round) trained."""
+    policy = ReplyPolicy(num_clients, reply_timeout, continue_on_loss, max_examples)
+    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples, clients_per_round, in_flight)
