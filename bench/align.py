@@ -16,13 +16,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
 from pathlib import Path
-
-from emit import emit_json
+from typing import TypeVar
 
 import numpy as np
 import torch
+from emit import emit_json
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 

@@ -1,9 +1,9 @@
 """Benchmark: what running fedmerge's training through a Flower simulation costs next to a bare PyTorch loop.
 
-The same total training (model, data, partitions, optimizer steps and seeds of ``fl.client_app``) plus the same
+The same total training (model, data, partitions, optimizer steps and seeds of ``fl.federation.client``) plus the same
 central evaluation after every round is run three ways, from one start state (``make_workbench`` + ``fit_base``):
 
-  flower           ``fl.federation.simulation.run_strategy(config, FEDAVG, ...)``: Ray actors, 1 CPU (1 torch thread) per
+  flower           ``fl.federation.simulation.run_strategy(StrategyJob(config, FEDAVG, ...))``: Ray actors, 1 CPU (1 torch thread) per
                    client, clients in parallel; the server evaluates with ``CentralEvaluator``.
   bare-parallel    one spawned process per client with 1 torch thread, all in parallel (the CPUs Flower grants),
                    weights passed through torch.multiprocessing queues: the same work and parallelism, no Flower.
@@ -47,12 +47,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from fl.studies.baselines import FEDAVG, Workbench, fit_base, load_data, make_workbench  # noqa: E402
-from fl.run.cli import QUICK  # noqa: E402
 from fl.federation.client import ClientRole, client_data, client_role, head_sizes  # noqa: E402
-from fl.run.config import RunConfig  # noqa: E402
 from fl.modeling.model import build_skeleton, client_state, resolve_model  # noqa: E402
 from fl.modeling.training import train  # noqa: E402
+from fl.run import seeds  # noqa: E402
+from fl.run.cli import QUICK  # noqa: E402
+from fl.run.config import RunConfig  # noqa: E402
+from fl.run.domains import load_domains  # noqa: E402
+from fl.studies.baselines import FEDAVG, Workbench, fit_base, make_workbench  # noqa: E402
 from strategies.aggregation import weighted_mean  # noqa: E402
 
 State = dict[str, torch.Tensor]
@@ -61,8 +63,8 @@ SMALL = {"train_size": 32, "test_size": 16, "max_length": 16, "rounds": 1, "loca
 
 
 def client_seed(config: RunConfig, role: ClientRole, server_round: int) -> int:
-    """The seed fl.client_app's train handler uses (the final-weights check catches any drift from it)."""
-    return config.seed + 1000 * server_round + 17 * role.partition_id + 7919 * config.domains.index(role.domain)
+    """The seed fl.federation.client's train handler uses (the final-weights check catches any drift from it)."""
+    return seeds.client_training(config.seed, server_round, config.domains.index(role.domain), role.partition_id)
 
 
 def roles(config: RunConfig) -> list[ClientRole]:
@@ -89,16 +91,16 @@ class Stopwatch:
         return result
 
 
-def evaluate_round(bench: Workbench, state: State, threads: int) -> dict[str, float]:
+def evaluate_round(workbench: Workbench, state: State, threads: int) -> dict[str, float]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    scores = bench.score(state)
+    scores = workbench.score(state)
     torch.set_num_threads(before)
     return {d: s.accuracy for d, s in scores.items()}
 
 
-def bare_sequential(bench: Workbench, start: State, threads: int, eval_threads: int) -> dict[str, object]:
-    config = bench.config
+def bare_sequential(workbench: Workbench, start: State, threads: int, eval_threads: int) -> dict[str, object]:
+    config = workbench.config
     clock = Stopwatch()
     tick = time.perf_counter()
     torch.set_num_threads(threads)
@@ -107,12 +109,12 @@ def bare_sequential(bench: Workbench, start: State, threads: int, eval_threads: 
     for server_round in range(1, config.rounds + 1):
         replies = []
         for role, (train_data, _, _) in clients:
-            bench.model.load_state_dict(state)
-            report = clock.time("train", lambda: train(bench.model, [(role.domain, train_data)], config.train_settings(),
+            workbench.model.load_state_dict(state)
+            report = clock.time("train", lambda: train(workbench.model, [(role.domain, train_data)], config.train_settings(),
                                                        client_seed(config, role, server_round)))
-            replies.append((client_state(bench.model, role.domain), report.num_examples))  # type: ignore[attr-defined]
+            replies.append((client_state(workbench.model, role.domain), report.num_examples))  # type: ignore[attr-defined]
         state = clock.time("aggregate", lambda: merge(state, replies))  # type: ignore[assignment]
-        accuracy = clock.time("evaluate", lambda: evaluate_round(bench, state, eval_threads))
+        accuracy = clock.time("evaluate", lambda: evaluate_round(workbench, state, eval_threads))
     return {"total_s": time.perf_counter() - tick, "threads": threads, "parts_s": clock.seconds,
             "final_accuracy": accuracy, "final_state": state}
 
@@ -133,8 +135,8 @@ def _parallel_worker(config: RunConfig, role: ClientRole, index: int, inbox: mp.
         outbox.put((index, client_state(model, role.domain), report.num_examples, time.perf_counter() - tick))
 
 
-def bare_parallel(bench: Workbench, start: State, eval_threads: int) -> dict[str, object]:
-    config = bench.config
+def bare_parallel(workbench: Workbench, start: State, eval_threads: int) -> dict[str, object]:
+    config = workbench.config
     ctx = mp.get_context("spawn")
     tick = time.perf_counter()
     inboxes = [ctx.Queue() for _ in range(config.num_clients)]
@@ -157,7 +159,7 @@ def bare_parallel(bench: Workbench, start: State, eval_threads: int) -> dict[str
             train_s.append([round(reply[3], 3) for reply in got])
             clock.seconds["clients"] = clock.seconds.get("clients", 0.0) + time.perf_counter() - round_tick
             state = clock.time("aggregate", lambda: merge(state, [(s, n) for _, s, n, _ in got]))  # type: ignore[assignment]
-            accuracy = clock.time("evaluate", lambda: evaluate_round(bench, state, eval_threads))
+            accuracy = clock.time("evaluate", lambda: evaluate_round(workbench, state, eval_threads))
     finally:
         for inbox in inboxes:
             inbox.put(None)
@@ -167,7 +169,7 @@ def bare_parallel(bench: Workbench, start: State, eval_threads: int) -> dict[str
             "train_s_per_round_per_client": train_s, "final_accuracy": accuracy, "final_state": state}
 
 
-INSIDE_HANDLER = ("client_data", "receive_model", "train")  # fl.client_app's steps, timed inside the actor
+INSIDE_HANDLER = ("client_data", "receive_model", "train")  # fl.federation.client's steps, timed inside the actor
 
 
 def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flwr is imported late, see flower())
@@ -175,7 +177,7 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
     and how long its data loading, weight receiving (decode + model rebuild) and training took."""
     from flwr.clientapp import ClientApp
 
-    import fl.client_app
+    import fl.federation.client
 
     app = ClientApp()
 
@@ -193,10 +195,10 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
     def train_handler(msg, context):  # noqa: ANN001, ANN202
         # Ray unpickles this app for every message, and a pickled closure carries a copy of its globals: so the
         # project's app is built here, in the actor, once per process, after its module's steps were wrapped.
-        if not hasattr(fl.client_app, "bench_app"):
+        if not hasattr(fl.federation.client, "bench_app"):
             fl.federation.client.bench_spent = {}  # type: ignore[attr-defined]
             for name in INSIDE_HANDLER:
-                setattr(fl.client_app, name, timed(name, getattr(fl.client_app, name), fl.federation.client.bench_spent))
+                setattr(fl.federation.client, name, timed(name, getattr(fl.federation.client, name), fl.federation.client.bench_spent))
             fl.federation.client.bench_app = fl.federation.client.make_client_app(config)  # type: ignore[attr-defined]
         inner, spent = fl.federation.client.bench_app, fl.federation.client.bench_spent  # type: ignore[attr-defined]
         spent.clear()
@@ -218,11 +220,11 @@ def timed_client_app(config: RunConfig):  # noqa: ANN201  (a flwr ClientApp; flw
     return app
 
 
-def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], eval_threads: int) -> dict[str, object]:
-    config = bench.config
+def flower(workbench: Workbench, start: State, base_scores: Mapping[str, object], eval_threads: int) -> dict[str, object]:
+    config = workbench.config
     tick_wall, tick = time.time(), time.perf_counter()
     import fl.federation.simulation
-    from fl.federation.rounds import CentralEvaluator
+    from fl.federation.rounds import CentralEvaluator, StrategyJob
 
     import_s = time.perf_counter() - tick
     calls: list[tuple[int, float, float]] = []
@@ -234,10 +236,10 @@ def flower(bench: Workbench, start: State, base_scores: Mapping[str, object], ev
             calls.append((server_round, begin, time.time()))
             return result
 
-    evaluator = TimedEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)  # type: ignore[arg-type]
+    evaluator = TimedEvaluator(workbench.model, workbench.test_sets, "fedavg", initial_scores=base_scores)  # type: ignore[arg-type]
     fl.federation.simulation.make_client_app = timed_client_app  # instrumentation only: the wrapper calls the project's app
     torch.set_num_threads(eval_threads)
-    outcome = fl.federation.simulation.run_strategy(config, FEDAVG, start, evaluator)
+    outcome = fl.federation.simulation.run_strategy(StrategyJob(config, FEDAVG, start, evaluator))
     end_wall = time.time()
     total = time.perf_counter() - tick
 
@@ -428,16 +430,16 @@ def main() -> None:
     load_start = os.getloadavg()
 
     torch.set_num_threads(args.eval_threads)
-    bench = make_workbench(config, resolve_model(config.model), load_data(config))
-    start, base_scores = fit_base(bench)
+    workbench = make_workbench(config, resolve_model(config.model), load_domains(config))
+    start, base_scores = fit_base(workbench)
     setup_s = time.perf_counter() - started
 
     loads: dict[str, object] = {}
     results: dict[str, dict[str, object]] = {}
     regimes: dict[str, Callable[[], dict[str, object]]] = {
-        "bare-parallel": lambda: bare_parallel(bench, start, args.eval_threads),
-        "flower": lambda: flower(bench, start, base_scores, args.eval_threads),
-        "bare-sequential": lambda: bare_sequential(bench, start, args.sequential_threads, args.eval_threads),
+        "bare-parallel": lambda: bare_parallel(workbench, start, args.eval_threads),
+        "flower": lambda: flower(workbench, start, base_scores, args.eval_threads),
+        "bare-sequential": lambda: bare_sequential(workbench, start, args.sequential_threads, args.eval_threads),
     }
     for name in [r for r in REGIMES if r in chosen]:
         run = regimes[name]

@@ -147,19 +147,19 @@ def driver_holdings() -> dict[str, float]:
             "live_array_gib": round(sum(len(a.data) for a in arrays) / GIB, 2)}
 
 
-def one_step_s(bench, config) -> float:  # noqa: ANN001
+def one_step_s(workbench, config) -> float:  # noqa: ANN001
     """Seconds of one local training step of one client alone (the work a client message exists for)."""
     from fl.federation.client import ClientRole, training_set
     from fl.modeling.training import train
 
     data = training_set(config, ClientRole("bio", 0, config.clients_per_domain))
-    state = {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in workbench.model.state_dict().items()}
     times = []
     for repeat in range(3):
         tick = time.perf_counter()
-        train(bench.model, [("bio", data)], config.train_settings(), seed=repeat)
+        train(workbench.model, [("bio", data)], config.train_settings(), seed=repeat)
         times.append(time.perf_counter() - tick)
-    bench.model.load_state_dict(state)
+    workbench.model.load_state_dict(state)
     return min(times)
 
 
@@ -169,8 +169,8 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from fl.federation.capacity import CapacityError, check_fits
-    from fl.run.config import RunConfig
     from fl.modeling.model import resolve_model
+    from fl.run.config import RunConfig
 
     per_domain = max(1, clients // 2)
     config = replace(
@@ -193,14 +193,15 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
 
     import torch
 
-    from fl.studies.baselines import load_data, make_workbench
-    from fl.federation.rounds import CentralEvaluator
+    from fl.federation.rounds import CentralEvaluator, StrategyJob
     from fl.federation.simulation import run_strategy
+    from fl.run.domains import load_domains
+    from fl.studies.baselines import make_workbench
 
     torch.set_num_threads(1)
-    bench = make_workbench(config, resolve_model(config.model), load_data(config))
-    start = {k: v.detach().clone() for k, v in bench.model.state_dict().items()}
-    step_s = one_step_s(bench, config)
+    workbench = make_workbench(config, resolve_model(config.model), load_domains(config))
+    start = {k: v.detach().clone() for k, v in workbench.model.state_dict().items()}
+    step_s = one_step_s(workbench, config)
     calls: list[tuple[int, float, float]] = []
     held: list[dict[str, float]] = []
 
@@ -213,7 +214,7 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
             return result
 
     tick = time.perf_counter()
-    outcome = run_strategy(config, settings([rule], {})[0], start, TimedEvaluator(bench.model, bench.test_sets, "scale"))
+    outcome = run_strategy(StrategyJob(config, settings([rule], {})[0], start, TimedEvaluator(workbench.model, workbench.test_sets, "scale")))
     total = time.perf_counter() - tick
     ends = {r: e for r, _, e in calls}
     round_s = [round(begin - ends[r - 1], 2) for r, begin, _ in calls if r > 0]

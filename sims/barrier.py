@@ -12,29 +12,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-import torch  # noqa: E402
-
-from fl.studies.baselines import load_data  # noqa: E402
-from fl.data.batches import Encoded, encode  # noqa: E402
+from fl.run.cli import console_logging, input_checks  # noqa: E402
 from fl.run.config import RunConfig  # noqa: E402
-from fl.data.user_files import DataError  # noqa: E402
-from fl.studies.interpolation import Scores, align, barriers, curves, evaluate_path, path_points, plot_barrier  # noqa: E402
-from fl.modeling.model import HEADS_FILE, META_FILE, MultiHeadEncoder, load_merged, load_tokenizer  # noqa: E402
-from fl.modeling.model import num_attention_heads  # noqa: E402
-from strategies.options import OptionError  # noqa: E402
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # the model libraries load in main(), after the options are read: --help needs none of them
+    import torch
+
+    from fl.data.batches import Encoded
+    from fl.modeling.evaluation import Scores
+    from fl.modeling.model import MultiHeadEncoder
+
+    State = dict[str, torch.Tensor]
 
 
 class RunError(ValueError):
@@ -60,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def model_folder(run: Path, name: str) -> Path:
+    from fl.modeling.folder import HEADS_FILE, META_FILE
+
     folder = run / name
     missing = [f for f in ("config.json", HEADS_FILE, META_FILE) if not (folder / f).is_file()]
     if missing:
@@ -95,9 +96,14 @@ class Inputs:
 
 def load_inputs(run: Path, name_a: str, name_b: str, test_size: int | None) -> Inputs:
     """Everything checked before any model is scored: the run, both model folders, their labels and shapes."""
+    from fl.data.batches import encode
+    from fl.modeling.folder import load_merged
+    from fl.modeling.model import load_tokenizer, num_attention_heads
+    from fl.run.domains import load_domains
+
     config = run_config(run, test_size)
     folders = [model_folder(run, name_a), model_folder(run, name_b)]
-    data = load_data(config)
+    data = load_domains(config)
     expected = {d: list(v.train.label_names) for d, v in data.items()}
     loaded = [load_merged(folder) for folder in folders]
     for folder, (_, labels) in zip(folders, loaded):
@@ -123,18 +129,17 @@ def print_point(mode: str, total: int) -> Callable[[int, float, Scores], None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ["httpx", "urllib3", "datasets", "filelock"]:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console_logging()
+    from fl.studies.interpolation import align, barriers, curves, evaluate_path, path_points, plot_barrier
+
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "barrier"
     started = time.monotonic()
-    try:
+    with input_checks(RunError) as checks:
         if args.points < 2:
             raise RunError(f"--points {args.points}: expected an integer >= 2")
         inputs = load_inputs(run, args.a, args.b, args.test_size)
-    except (RunError, OptionError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    if checks.failed:
         return 2
     ts = path_points(args.points)
     seconds = {"load": round(time.monotonic() - started, 2)}

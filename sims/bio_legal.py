@@ -10,6 +10,7 @@ curves.png and one merged-model folder per strategy to --out.
     python sims/bio_legal.py --repair distill:80   # then distil the experts into each strategy's model (FedDF)
     python sims/bio_legal.py --resume --out runs/bio_legal   # continue an interrupted run from its last round
     python sims/bio_legal.py --ray-address HEAD:6379 --client-cpus 4   # clients on a running Ray cluster (docs/scale-out.md)
+    fedmerge run --quick                  # any of these, once installed (pip install -e .): fedmerge run = this script
 
 Every completed round is checkpointed in --out; Ctrl-C or SIGTERM stops within seconds and prints the command
 that resumes. A folder that already holds results is never overwritten without --overwrite.
@@ -27,9 +28,8 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, invoked_as, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import RunConfig  # noqa: E402
-from fl.modeling.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,20 +65,21 @@ def resume_command(argv: list[str], out: str) -> str:
     """This run's command line with --resume (and without --overwrite): what continues it."""
     kept = [a for a in argv if a not in ("--resume", "--overwrite")]
     has_out = any(a == "--out" or a.startswith("--out=") for a in kept)
-    return shlex.join(["python", "sims/bio_legal.py", *kept, *([] if has_out else ["--out", out]), "--resume"])
+    return shlex.join([*invoked_as("sims/bio_legal.py"), *kept, *([] if has_out else ["--out", out]), "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.studies.baselines import load_data
     from fl.federation.capacity import check_fits
-    from fl.run.checkpoint import RunFolder, check_out, run_identity
-    from fl.studies.repair import parse_repair
     from fl.federation.simulation import SimulationResources, check_resources, run_strategy
+    from fl.modeling.model import check_model
+    from fl.run.checkpoint import RunFolder, check_out, run_identity
+    from fl.run.domains import load_domains
+    from fl.studies.repair import parse_repair
 
-    try:
+    with input_checks() as checks:
         config = build_config(args)
         strategies = rule_settings(args)
         repair_steps = parse_repair(args.repair)
@@ -89,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         model_path = check_model(config.model, config.max_length)
         statistics = tuple(s.rule.statistic.name for s in strategies if s.rule.statistic)
         streamed = all(s.rule.streams for s in strategies)
-        check_fits(config, str(model_path), statistics=statistics, streamed=streamed)  # too many clients for this machine: refuse now
-        data = load_data(config)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        cluster = resources.cluster_address() is not None
+        check_fits(config, str(model_path), statistics=statistics, streamed=streamed, client_cpus=resources.cpus_per_client, cluster=cluster)  # too many clients for this machine: refuse now
+        data = load_domains(config)
+    if checks.failed:
         return 2
 
-    from fl.studies.experiment import run_experiment
     from fl.run.interrupt import exit_cleanly_on_signals
     from fl.run.versions import package_versions
+    from fl.studies.experiment import run_experiment
 
     folder = RunFolder(Path(args.out), identity)
     with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):

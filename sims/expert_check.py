@@ -21,16 +21,7 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import (  # noqa: E402
-    INPUT_ERRORS,
-    add_spread_options,
-    build_config,
-    console_logging,
-    parse_offsets,
-    run_options,
-    run_script,
-)
-from fl.modeling.model import check_model  # noqa: E402
+from fl.run.cli import add_spread_options, build_config, console_logging, input_checks, parse_offsets, run_options, run_script  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,35 +34,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
-    from fl.studies.baselines import expert_seed, fit_base, load_data, make_workbench, scored_experts
+    from fl.modeling.model import check_model
+    from fl.run import seeds
+    from fl.run.domains import load_domains
+    from fl.studies.baselines import fit_base, make_workbench, scored_experts
 
-    try:
+    with input_checks() as checks:
         config = build_config(args)
         offsets = parse_offsets(args.training_seeds)
         model_path = check_model(config.model, config.max_length)
-        data = load_data(config)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        data = load_domains(config)
+    if checks.failed:
         return 2
 
-    from fl.studies.experiment import scores_json, start_of_client
-    from fl.studies.report import effects, effects_json, spread_markdown
+    from fl.federation.permuted_init import client_start
     from fl.run.files import write_results
+    from fl.studies.experiment import scores_json
+    from fl.studies.report import effects, effects_json, spread_markdown
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = make_workbench(config, str(model_path), data)
-    start, base = fit_base(bench)
-    starts = {d: start_of_client(config, start, i * config.clients_per_domain) for i, d in enumerate(config.domains)}
+    workbench = make_workbench(config, str(model_path), data)
+    start, base = fit_base(workbench)
+    starts = {d: client_start(config, start, i * config.clients_per_domain) for i, d in enumerate(config.domains)}
     runs, spread = [], {}
     for k, offset in enumerate(offsets, 1):
         logging.info("== training seeds +%d (%d of %d)", offset, k, len(offsets))
-        models = scored_experts(bench, start, base, config.seed + offset, starts)
+        models = scored_experts(workbench, start, base, config.seed + offset, starts)
         spread[f"+{offset}"] = found = effects(models, config.domains, ["one-shot-average"], config.seed)
         runs.append(
             {
                 "training-seed-offset": offset,
-                "expert-seeds": {d: expert_seed(config.seed + offset, i) for i, d in enumerate(config.domains)},
+                "expert-seeds": {d: seeds.expert_training(config.seed + offset, i) for i, d in enumerate(config.domains)},
                 "scores": {n: scores_json(s) for n, s in models.items()},
                 "effects": effects_json(found),
             }

@@ -28,17 +28,8 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import (  # noqa: E402
-    INPUT_ERRORS,
-    add_spread_options,
-    build_config,
-    console_logging,
-    parse_offsets,
-    run_options,
-    run_script,
-)
+from fl.run.cli import add_spread_options, build_config, console_logging, input_checks, parse_offsets, run_options, run_script  # noqa: E402
 from fl.run.config import ConfigError, RunConfig  # noqa: E402
-from fl.modeling.model import check_model  # noqa: E402
 
 # Each entry changes the options given on the command line; ordered so that a --time-limit cut keeps the likeliest.
 DEFAULT_GRID: list[dict[str, Any]] = [
@@ -141,19 +132,20 @@ def run_job(config: RunConfig, model_path: str, offset: int, threads: int) -> di
     """Both experts of one setting and one training seed, scored; the base is cached per data setting."""
     import torch
 
-    from fl.studies.baselines import fit_base, load_data, make_workbench, scored_experts
+    from fl.run.domains import load_domains
+    from fl.studies.baselines import fit_base, make_workbench, scored_experts
     from fl.studies.report import effects, effects_json
 
     if threads:
         torch.set_num_threads(threads)
     key = tuple(getattr(config, f) for f in DATA_FIELDS)
     if key not in _BENCHES:
-        bench = make_workbench(config, model_path, load_data(config))
-        _BENCHES[key] = (bench, *fit_base(bench))
-    bench, start, base = _BENCHES[key]
-    bench.config = config
+        workbench = make_workbench(config, model_path, load_domains(config))
+        _BENCHES[key] = (workbench, *fit_base(workbench))
+    workbench, start, base = _BENCHES[key]
+    workbench.config = config
     tick = time.monotonic()
-    models = scored_experts(bench, start, base, config.seed + offset)
+    models = scored_experts(workbench, start, base, config.seed + offset)
     return {
         "offset": offset,
         "seconds": time.monotonic() - tick,
@@ -201,19 +193,19 @@ def all_expert_effects(run: Mapping[str, Any]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
-    try:
+    from fl.modeling.model import check_model
+    from fl.run.domains import load_domains
+
+    with input_checks() as checks:
         base = build_config(args)
         offsets = parse_offsets(args.training_seeds)
         grid = settings(base, load_grid(args.grid))
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
         model_path = check_model(base.model, max(config.max_length for _, config in grid))
-        from fl.studies.baselines import load_data
-
         for config in {tuple(getattr(c, f) for f in DATA_FIELDS): c for _, c in grid}.values():
-            load_data(config)  # bad data fails here, before any training
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+            load_domains(config)  # bad data fails here, before any training
+    if checks.failed:
         return 2
 
     out = Path(args.out)

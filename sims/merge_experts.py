@@ -25,9 +25,9 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import INPUT_ERRORS, add_rule_options, build_config, console_logging, rule_settings, run_options, run_script  # noqa: E402
+from fl.experts.options import VOCAB_MODES  # noqa: E402
+from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import ConfigError  # noqa: E402
-from fl.experts.vocabulary import VOCAB_MODES  # noqa: E402
 
 FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack")  # no rounds run here
 
@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.studies.baselines import load_data
     from fl.data.sources import unlabelled_texts
-    from fl.studies.own_experts import STUDENTS, NothingToProduce, StudyOptions, run_study
     from fl.experts.loading import check_expert
     from fl.modeling.model import check_model
+    from fl.run.domains import load_domains
     from fl.run.versions import package_versions
+    from fl.studies.own_experts import STUDENTS, NothingToProduce, StudyOptions, run_study
 
     out = Path(args.out)
-    try:
+    with input_checks(NothingToProduce) as checks:  # the study itself refuses when no single model can come out
         federated = [f"--{k.replace('_', '-')}" for k in FEDERATED_ONLY if k in vars(args)]
         if federated:
             raise ConfigError(f"{federated[0]}: an option of federated rounds, which merge_experts.py does not run; expected it left out")
@@ -99,14 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "results.json").exists() and not args.overwrite:
             raise ConfigError(f"--out {out} already holds results.json; expected a new folder, or --overwrite")
         texts = unlabelled_texts(args.distill_data, config.text_column) if args.distill_data else ()
-        data = load_data(config)
+        data = load_domains(config)
         options = StudyOptions(
             tuple(args.experts), serves, args.base, args.vocab, args.distill,
             args.distill_steps or config.rounds * config.local_steps, args.distill_temperature, texts, args.student,
         )
         run_study(config, options, rules, data, out, package_versions())
-    except (*INPUT_ERRORS, NothingToProduce) as error:
-        print(f"error: {error}", file=sys.stderr)
+    if checks.failed:
         return 2
     print(f"results written to {out}/ (results.md, results.json, scores.png, one model folder per produced model)")
     return 0

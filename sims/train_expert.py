@@ -16,9 +16,8 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import INPUT_ERRORS, build_config, console_logging, run_options, run_script  # noqa: E402
+from fl.run.cli import build_config, console_logging, input_checks, run_options, run_script  # noqa: E402
 from fl.run.config import ConfigError  # noqa: E402
-from fl.modeling.model import check_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,32 +31,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console_logging()
 
-    from fl.studies.baselines import expert_seed, fine_tune, fit_base, load_data, make_workbench
-    from fl.modeling.model import save_merged
+    from fl.modeling.folder import save_merged
+    from fl.modeling.model import check_model
+    from fl.run import seeds
+    from fl.run.domains import load_domains
     from fl.run.phases import PhaseClock
+    from fl.studies.baselines import fine_tune, fit_base, make_workbench
 
-    try:
+    with input_checks() as checks:
         config = build_config(args)
         if args.domain not in config.domains:
             raise ConfigError(f"--domain {args.domain}: expected one of {', '.join(config.domains)}")
         if (Path(args.out) / "config.json").exists():
             raise ConfigError(f"--out {args.out} already holds a model; expected a new folder")
         model_path = check_model(config.model, config.max_length)
-        data = load_data(config)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        data = load_domains(config)
+    if checks.failed:
         return 2
     clock = PhaseClock()
     steps = config.rounds * config.local_steps
     with clock.phase("tokenise and load model"):
-        bench = make_workbench(config, model_path, data)
+        workbench = make_workbench(config, model_path, data)
     with clock.phase("linear probes on the frozen encoder"):
-        start, _ = fit_base(bench)
+        start, _ = fit_base(workbench)
     with clock.phase(f"{args.domain} expert ({steps} steps)"):
         index = config.domains.index(args.domain)
-        expert = fine_tune(bench, start, [args.domain], steps, expert_seed(config.seed, index), f"{args.domain} expert")
-    bench.model.load_state_dict(expert)
-    save_merged(bench.model, bench.tokenizer, args.out, bench.label_names)
+        expert = fine_tune(workbench, start, [args.domain], steps, seeds.expert_training(config.seed, index), f"{args.domain} expert")
+    workbench.model.load_state_dict(expert)
+    save_merged(workbench.model, workbench.tokenizer, args.out, workbench.label_names)
     print(f"expert written to {args.out}/ ({', '.join(f'{k} {v:.0f} s' for k, v in clock.seconds.items())})")
     return 0
 

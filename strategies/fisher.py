@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from strategies.aggregation import StreamingMean, UpdateError, all_finite
-from strategies.update import Clients, MergeContext, State, Statistic
+from strategies.update import Clients, MergeContext, State
 
 
 def fisher_average(global_state: State, clients: Clients, context: MergeContext, *, floor: float) -> dict[str, torch.Tensor]:
@@ -69,6 +69,3 @@ def check_fisher(state: State, fisher: State, client: str) -> None:
             raise UpdateError(f"{client}: Fisher for '{key}' has non-finite values (NaN or Inf)")
         if bool((information < 0).any()):
             raise UpdateError(f"{client}: Fisher for '{key}' has negative values (a squared gradient is >= 0)")
-
-
-FISHER = Statistic("fisher", "diagonal Fisher of every trained weight (one model copy)", check_fisher)

@@ -1,6 +1,6 @@
 """A merge rule's options, declared once: name, type, default, valid range and one line of help.
 
-The CLI flags, the ``[tool.flwr.app.config]`` keys, validation and the README's table of rules are all derived
+The CLI flags, the ``[tool.flwr.app.config]`` keys, validation and the table of rules (docs/merge-rules.md) are all derived
 from these declarations (mergekit's idea: a method is a function plus its declared parameters), so an option
 cannot mean one thing on the command line and another in a deployment. A value is refused with ``OptionError``,
 one line naming the key, the value and what was expected.

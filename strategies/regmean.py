@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from strategies.aggregation import StreamingMean, UpdateError, all_finite
-from strategies.update import Clients, MergeContext, State, Statistic
+from strategies.update import Clients, MergeContext, State
 
 RIDGE = 1e-9
 SYMMETRY_RTOL = 1e-4
@@ -100,6 +100,3 @@ def check_grams(state: State, grams: State, client: str) -> None:
             raise UpdateError(f"{client}: Gram for '{key}' is not symmetric")
         if bool((gram.diagonal() < 0).any()):
             raise UpdateError(f"{client}: Gram for '{key}' has a negative diagonal entry (x x^T has none)")
-
-
-GRAM = Statistic("gram", "Gram matrix of the inputs of every linear layer of the encoder (in x in each)", check_grams)

@@ -3,32 +3,63 @@
 A rule maps (global state, client updates, round context, option values) to the merged keys. Its declaration
 says what its options are (``strategies.options.Option``), which of them go to the clients instead (FedProx's
 mu, how many batches a statistic is computed over), which extra statistics clients must send, and what the
-README's table says about it. The CLI flags, the Flower run-config keys, validation and that table are all
+table of rules (docs/merge-rules.md) says about it. The CLI flags, the Flower run-config keys, validation and that table are all
 made from this one registry; ``Rule.merge`` checks every client (weights and statistics) before the function
 sees it, so the one-shot baselines, the Flower strategy and the tests merge with the same checked code.
 
-    python -m strategies.rules      # prints the README's table of rules
+The registry is declarations only: each function (a rule's merge, a statistic's check) is named by its module and
+imported on its first call, so a command line builds its flags and ``--help`` without importing torch.
+
+    python -m strategies.rules      # prints the table of rules of docs/merge-rules.md
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from strategies.aggregation import UpdateError, check_update
-from strategies.averaging import average
-from strategies.fisher import FISHER, fisher_average
 from strategies.options import Option, OptionError
-from strategies.permutation import aligned
-from strategies.regmean import GRAM, regmean
-from strategies.robust import clip, krum, median, trimmed_mean
-from strategies.task_vectors import dare, dare_ties, task_arithmetic, ties
-from strategies.update import Clients, MergeContext, State, Statistic
+
+if TYPE_CHECKING:
+    import torch
+
+    from strategies.update import Clients, MergeContext, State
 
 OptionValue = float | int | bool
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A function named ``module:name``, imported when first called (the merge math imports torch)."""
+
+    path: str
+
+    def resolve(self) -> Callable[..., Any]:
+        module, _, name = self.path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Extra numbers a rule needs from every client besides its weights, computed on the client's own data.
+
+    ``name`` is both the record a client sends them in and what the server asks for; ``check`` refuses a
+    client's statistics (UpdateError naming the client) before anything is merged.
+    """
+
+    name: str
+    describe: str  # for the table of rules: what is sent
+    check: Callable[[State, State, str], None]  # (client state, its statistics, client name)
+
+
+FISHER = Statistic("fisher", "diagonal Fisher of every trained weight (one model copy)", Deferred("strategies.fisher:check_fisher"))
+GRAM = Statistic("gram", "Gram matrix of the inputs of every linear layer of the encoder (in x in each)", Deferred("strategies.regmean:check_grams"))
 
 
 @dataclass(frozen=True)
@@ -36,7 +67,7 @@ class Rule:
     """A merge rule: its function and the declaration everything else is made from."""
 
     name: str
-    function: Callable[..., dict[str, torch.Tensor]]
+    function: Callable[..., dict[str, torch.Tensor]]  # (global state, clients, context, **options); a Deferred
     summary: str  # what the server does, one line
     paper: str
     memory: str  # the server's extra memory while merging
@@ -55,6 +86,8 @@ class Rule:
         self, global_state: State, clients: Clients, context: MergeContext, values: Mapping[str, OptionValue]
     ) -> dict[str, torch.Tensor]:
         """The merged keys (only those some client sent), after every client passed its checks."""
+        from strategies.aggregation import UpdateError
+
         if not clients:
             raise UpdateError(f"{self.name}: no client updates to merge")
         for client in clients:
@@ -75,6 +108,8 @@ class Rule:
 
 
 def check_client(global_state: State, state: State, weight: float, name: str) -> None:
+    from strategies.aggregation import UpdateError, check_update
+
     check_update(global_state, state, name)
     if not (math.isfinite(weight) and weight > 0):
         raise UpdateError(f"{name}: averaging weight {weight:g}: expected a number > 0")
@@ -88,12 +123,12 @@ RULES: Mapping[str, Rule] = {
     rule.name: rule
     for rule in [
         Rule(
-            "fedavg", average, "weighted mean of the clients' weights, key by key", "McMahan et al. 2017",
+            "fedavg", Deferred("strategies.averaging:average"), "weighted mean of the clients' weights, key by key", "McMahan et al. 2017",
             "1 model copy (float32 sums)", "the reference; clients fine-tuned from one shared start",
             streams=True,
         ),
         Rule(
-            "fedprox", average, "FedAvg's merge; clients add mu/2 x their squared distance to the global weights to their loss", "Li et al. 2020",
+            "fedprox", Deferred("strategies.averaging:average"), "FedAvg's merge; clients add mu/2 x their squared distance to the global weights to their loss", "Li et al. 2020",
             "1 model copy", "clients drift apart (many local steps, non-IID data)",
             options=(Option("mu", float, 0.01, "weight of the clients' proximal term", 0.0, 1e4),),
             client_options={"mu": "proximal-mu"},
@@ -101,72 +136,72 @@ RULES: Mapping[str, Rule] = {
             streams=True,
         ),
         Rule(
-            "aligned", aligned, "weight-match each client to the global model (heads, FFN units), then FedAvg",
+            "aligned", Deferred("strategies.permutation:aligned"), "weight-match each client to the global model (heads, FFN units), then FedAvg",
             "Ainsworth et al. 2023 (Git Re-Basin)", "1 model copy + one aligned client at a time",
             "clients that did not start from one shared model (independent runs, --init permuted)",
             options=(Option("residual", bool, True, "also permute the residual stream (embeddings, LayerNorms, heads)"),),
         ),
         Rule(
-            "task-arithmetic", task_arithmetic, "global + lambda x weighted mean of the deltas (lambda 1 = FedAvg)",
+            "task-arithmetic", Deferred("strategies.task_vectors:task_arithmetic"), "global + lambda x weighted mean of the deltas (lambda 1 = FedAvg)",
             "Ilharco et al. 2023", "1 model copy", "a server step size: lambda > 1 extrapolates the clients' common direction",
             options=(LAMBDA,),
             deltas=True,
         ),
         Rule(
-            "ties", ties, "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
+            "ties", Deferred("strategies.task_vectors:ties"), "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
             "Yadav et al. 2023", "buffers of one tensor; every reply held (two passes)",
             "deltas that interfere (coordinates where clients pull in opposite directions)",
             options=(Option("density", float, 0.2, "fraction of each delta tensor's entries kept (largest magnitudes)", 0.0, 1.0, low_open=True), LAMBDA),
             deltas=True,
         ),
         Rule(
-            "dare", dare, "drop delta coordinates at random (rescaled), weighted mean, x lambda", "Yu et al. 2024",
+            "dare", Deferred("strategies.task_vectors:dare"), "drop delta coordinates at random (rescaled), weighted mean, x lambda", "Yu et al. 2024",
             "1 model copy", "large, redundant deltas; a random sparsification of what is merged",
             options=(DROP, LAMBDA),
             deltas=True,
         ),
         Rule(
-            "dare-ties", dare_ties, "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
+            "dare-ties", Deferred("strategies.task_vectors:dare_ties"), "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
             "Yu et al. 2024", "buffers of one tensor; every reply held (two passes)", "as TIES, with a random sparsification",
             options=(DROP, LAMBDA),
             deltas=True,
         ),
         Rule(
-            "fisher", fisher_average, "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",
+            "fisher", Deferred("strategies.fisher:fisher_average"), "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",
             "Matena & Raffel 2022", "2 model copies", "clients whose weights matter for their data in different places",
             options=(BATCHES, Option("floor", float, 1e-6, "lower bound of every Fisher value (no information -> FedAvg)", 0.0, 1.0, low_open=True)),
             client_options={"batches": "statistic-batches"},
             statistic=FISHER,
         ),
         Rule(
-            "regmean", regmean, "per linear layer the least-squares merge (sum w G)^-1 sum w G W, the rest FedAvg",
+            "regmean", Deferred("strategies.regmean:regmean"), "per linear layer the least-squares merge (sum w G)^-1 sum w G W, the rest FedAvg",
             "Jin et al. 2023", "1 model copy + the summed Grams", "linear layers whose inputs differ between domains",
             options=(BATCHES, Option("alpha", float, 0.9, "scale of each Gram's off-diagonal entries (1: exact least squares)", 0.0, 1.0)),
             client_options={"batches": "statistic-batches"},
             statistic=GRAM,
         ),
         Rule(
-            "median", median, "coordinate-wise median of the clients' values, key by key (unweighted)",
+            "median", Deferred("strategies.robust:median"), "coordinate-wise median of the clients' values, key by key (unweighted)",
             "Yin et al. 2018", "1 model copy + n x 1M-coordinate blocks; every reply held",
             "5+ clients, some of which may send corrupted or malicious weights",
             one_shot=False,
         ),
         Rule(
-            "trimmed-mean", trimmed_mean, "per coordinate drop the floor(beta n) smallest and largest values, mean of the rest (unweighted)",
+            "trimmed-mean", Deferred("strategies.robust:trimmed_mean"), "per coordinate drop the floor(beta n) smallest and largest values, mean of the rest (unweighted)",
             "Yin et al. 2018", "1 model copy + n x 1M-coordinate blocks; every reply held",
             "5+ clients, at most beta n of each key's senders faulty; closer to FedAvg than the median",
             options=(Option("beta", float, 0.2, "fraction of each key's senders dropped at each end, per coordinate", 0.0, 0.5, high_open=True),),
             one_shot=False,
         ),
         Rule(
-            "clip", clip, "scale each client's delta to L2 norm <= bound, then weighted mean of the deltas",
+            "clip", Deferred("strategies.robust:clip"), "scale each client's delta to L2 norm <= bound, then weighted mean of the deltas",
             "Sun et al. 2019", "1 model copy; every reply read twice (norms, then sums)",
             "5+ clients, a few of which may send oversized updates (boosted backdoors, diverged training)",
             options=(Option("bound", float, 0.0, "largest L2 norm of a client's delta (0: the round's median delta norm)", 0.0),),
             one_shot=False,
         ),
         Rule(
-            "krum", krum, "weighted mean of the n - f clients closest to their n - f - 2 nearest others (multi-Krum)",
+            "krum", Deferred("strategies.robust:krum"), "weighted mean of the n - f clients closest to their n - f - 2 nearest others (multi-Krum)",
             "Blanchard et al. 2017; El Mhamdi et al. 2018", "1 model copy + n x n distances; every reply read twice",
             "5+ similar clients (n >= 2f + 3), up to f of them arbitrary (Byzantine)",
             options=(Option("f", int, 1, "assumed number of attackers among the clients", 0),),
@@ -254,7 +289,7 @@ def settings(entries: Sequence[str], values: Mapping[str, object]) -> list[RuleS
 
 
 def markdown_table() -> str:
-    """The README's table of rules, made from the registry."""
+    """The table of rules of docs/merge-rules.md, made from the registry."""
     lines = [
         "| rule | what the server does | options (default; range) | clients send | server memory | when to use |",
         "|---|---|---|---|---|---|",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from strategies.aggregation import UpdateError, weighted_mean
-from strategies.update import ClientUpdate, Clients, MergeContext, State
+from strategies.update import Clients, ClientUpdate, MergeContext, State
 
 Sparsify = Callable[[ClientUpdate, str, torch.Tensor], torch.Tensor]
 

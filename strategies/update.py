@@ -10,7 +10,7 @@ values may be zero-copy views of received bytes, and rules never write into them
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,16 +52,3 @@ class MergeContext:
 
 
 Clients = Sequence[ClientUpdate]
-
-
-@dataclass(frozen=True)
-class Statistic:
-    """Extra numbers a rule needs from every client besides its weights, computed on the client's own data.
-
-    ``name`` is both the record a client sends them in and what the server asks for; ``check`` refuses a
-    client's statistics (UpdateError naming the client) before anything is merged.
-    """
-
-    name: str
-    describe: str  # for the README: what is sent
-    check: Callable[[State, State, str], None]  # (client state, its statistics, client name)

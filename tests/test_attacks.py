@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.modeling.attacks import AttackSpec, derangement, flipped_labels, parse_attack, poison
-from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.run.cli import build_config, run_options
 from fl.federation.client import ClientRole, client_data, training_set
-from fl.run.config import ConfigError, RunConfig
-from fl.federation.rounds import CentralEvaluator
+from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import run_strategy
+from fl.modeling.attacks import AttackSpec, derangement, flipped_labels, parse_attack, poison
+from fl.run.cli import build_config, run_options
+from fl.run.config import ConfigError, RunConfig
+from fl.run.domains import load_domains
+from fl.studies.baselines import FEDAVG, fit_base, make_workbench
 from tests.conftest import tiny_run_config
 
 
@@ -139,9 +140,9 @@ def test_flipped_labels_move_every_label_the_same_way_each_time(num_labels: int)
 @pytest.fixture(scope="module")
 def tiny_attack_run(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
     config = tiny_run_config(tiny_model_dir, toy_csvs, rounds=1, attack="scale:100:1")
-    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    start, base_scores = fit_base(bench)
-    return config, bench, start, base_scores
+    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
+    start, base_scores = fit_base(workbench)
+    return config, workbench, start, base_scores
 
 
 def test_a_label_flipper_trains_on_deranged_labels_and_an_honest_client_on_its_own(tiny_attack_run) -> None:
@@ -161,12 +162,12 @@ def test_a_label_flipper_trains_on_deranged_labels_and_an_honest_client_on_its_o
 
 
 def test_a_boosted_update_under_fedavg_moves_its_head_a_hundred_times_farther(tiny_attack_run) -> None:
-    config, bench, start, base_scores = tiny_attack_run
+    config, workbench, start, base_scores = tiny_attack_run
     (attacker,) = config.attackers()
     honest = "bio" if attacker == "legal-0" else "legal"
-    evaluator = CentralEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)
+    evaluator = CentralEvaluator(workbench.model, workbench.test_sets, "fedavg", initial_scores=base_scores)
 
-    outcome = run_strategy(config, FEDAVG, start, evaluator)
+    outcome = run_strategy(StrategyJob(config, FEDAVG, start, evaluator))
 
     def moved(domain: str) -> float:  # a head is sent, and averaged, by its own domain's client only
         key = f"heads.{domain}.weight"

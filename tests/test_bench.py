@@ -5,11 +5,10 @@ in its own subprocess with a timeout; each test then checks its script's output.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
-
-import os
 
 import pytest
 
@@ -80,8 +79,8 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
     from dataclasses import replace
 
     from fl.federation.capacity import CapacityError, check_fits
-    from fl.run.config import RunConfig
     from fl.modeling.model import default_model_path
+    from fl.run.config import RunConfig
 
     config = replace(RunConfig(), clients_per_domain=500)
 
@@ -98,8 +97,8 @@ def test_capacity_check_refuses_a_federation_that_cannot_fit_with_one_line() -> 
 
 def test_replies_that_carry_statistics_are_counted_larger() -> None:
     from fl.federation.capacity import check_fits, model_bytes
-    from fl.run.config import RunConfig
     from fl.modeling.model import default_model_path
+    from fl.run.config import RunConfig
 
     path = str(default_model_path())
     weights, fisher, gram = (model_bytes(path, s) for s in ("", "fisher", "gram"))

@@ -1,4 +1,5 @@
-"""The one real-model end-to-end run: embedded MiniLM and data, both strategies, every output file."""
+"""The one real-model end-to-end run: embedded MiniLM and data, both strategies, every output file, and the saved
+folders read back by SentenceTransformer with fedmerge's embeddings."""
 
 import json
 import os
@@ -6,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoModel
+
+from fl.modeling.folder import load_merged
+from fl.modeling.model import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {"base", "bio-expert", "legal-expert", "multi-task", "one-shot-average", "ensemble"}
+TEXTS = ["Abnormality of the cardiac septa", "Permission is hereby granted, free of charge", "seizure"]
 
 
 def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> None:
@@ -42,3 +48,18 @@ def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> Non
     assert "| fedavg+distill |" in (out / "results.md").read_text()
     assert AutoModel.from_pretrained(out / "fedavg+distill").config.hidden_size == 384
     assert (out / "curves.png").stat().st_size > 1000
+    assert max_embedding_difference(out / "fedavg") <= 1e-5
+    assert all((out / name / "modules.json").is_file() for name in ["bio-expert", "fedprox", "fedavg+distill"])
+
+
+def max_embedding_difference(folder: Path) -> float:
+    """SentenceTransformer(folder) against fedmerge's features of the same folder, L2-normalised as MiniLM's are."""
+    from sentence_transformers import SentenceTransformer
+
+    loaded = SentenceTransformer(str(folder), device="cpu")
+    assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling", "Normalize"]
+    model, _ = load_merged(folder)
+    batch = load_tokenizer(str(folder))(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(model.eval().embed(batch["input_ids"], batch["attention_mask"]), dim=-1)
+    return (loaded.encode(TEXTS, convert_to_tensor=True) - features).abs().max().item()

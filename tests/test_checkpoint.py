@@ -20,11 +20,11 @@ import psutil
 import pytest
 import torch
 
+from fl.modeling.evaluation import Score
+from fl.modeling.folder import load_merged
 from fl.run import files
 from fl.run.checkpoint import RunFolder, check_out, run_identity
 from fl.run.config import ConfigError, RunConfig
-from fl.modeling.evaluation import Score
-from fl.modeling.model import load_merged
 from strategies.rules import settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_a_checkpoint_round_trips_weights_scores_and_strategy_state(tmp_path: Pa
     assert loaded is not None and loaded.server_round == 1 and not loaded.finished
     assert all(torch.equal(loaded.weights[k], weights[k]) for k in weights)
     assert (loaded.scores[1]["bio"].correct == scores[1]["bio"].correct).all()
-    assert loaded.strategy == {"client-history": [{"round": 1}]}
+    assert loaded.strategy_state == {"client-history": [{"round": 1}]}
 
 
 def test_a_crash_between_writing_and_renaming_leaves_the_previous_checkpoint_loadable(tmp_path: Path, monkeypatch) -> None:

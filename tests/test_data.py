@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fl.data import partitions, sources, splits
-from fl.data.user_files import DataError
 from fl.data.sources import LabeledTexts
+from fl.data.user_files import DataError
 
 
 def _toy(labels: list[int], groups: list[str] | None = None) -> LabeledTexts:

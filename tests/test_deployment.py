@@ -18,19 +18,19 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tomllib
 
+from fl.apps.server_app import app_options
 from fl.federation.client import client_role
+from fl.modeling.folder import load_merged
 from fl.run.config import APP_OPTIONS, ConfigError, RunConfig
 from strategies.options import OptionError
 from strategies.rules import default_values
-from fl.modeling.model import load_merged
-from fl.apps.server_app import app_options
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment

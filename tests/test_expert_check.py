@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from fl.studies.report import Effect, spread_markdown
-
 from sims import expert_check
 
 

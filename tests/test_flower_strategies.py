@@ -10,9 +10,9 @@ from flwr.common.constant import ErrorCode
 from transformers import AutoModel
 
 from strategies.aggregation import UpdateError
-from strategies.flower.strategy import make_strategy, per_domain_metrics
-from strategies.options import OptionError
 from strategies.flower.replies import RoundFailed, error_text, wait_for_nodes
+from strategies.flower.strategy import RoundSettings, RuleStrategy, per_domain_metrics
+from strategies.options import OptionError
 from strategies.rules import parse_names, settings
 from tests.conftest import tiny_bert_config
 
@@ -67,7 +67,7 @@ def rule(name: str, **values: object):
 
 
 def strategy_with_global(name: str, global_state: dict[str, torch.Tensor], clients: int, continue_on_loss: bool = False, **kw):
-    strategy = make_strategy(rule(name), clients, client_eval=False, num_heads=4, continue_on_loss=continue_on_loss, **kw)
+    strategy = RuleStrategy(rule(name), RoundSettings(clients, num_heads=4, continue_on_loss=continue_on_loss, **kw))
     strategy.global_state = global_state
     strategy.policy.sent = [FakeReply(None, 0) for _ in range(clients)]  # what configure_train would have sent
     for i, msg in enumerate(strategy.policy.sent):
@@ -179,7 +179,7 @@ class FakeGrid:
 
 
 def test_a_round_waiting_for_a_node_that_left_gives_up_after_the_reply_timeout_naming_it() -> None:
-    strategy = make_strategy(rule("fedavg"), 2, False, reply_timeout=0.5)
+    strategy = RuleStrategy(rule("fedavg"), RoundSettings(2, reply_timeout=0.5))
     strategy.policy.node_names = {7: "node 7 (bio-0)", 9: "node 9 (legal-0)"}
 
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 nodes connected after 0 s; lost: node 9 \(legal-0\)"):
@@ -301,7 +301,7 @@ def test_replies_are_merged_in_the_order_of_their_clients_not_of_arrival() -> No
 
 
 def test_the_train_config_tells_clients_what_the_rule_needs() -> None:
-    strategy = make_strategy(rule("regmean", **{"regmean-batches": 3}), 1, False)
+    strategy = RuleStrategy(rule("regmean", **{"regmean-batches": 3}), RoundSettings(1))
     strategy._construct_messages = lambda record, nodes, kind: [record]  # Flower's Messages need a running app
     config = ConfigRecord({"local-steps": 2})
 
@@ -357,7 +357,7 @@ def test_a_merge_that_is_not_finite_is_refused_naming_the_largest_sender() -> No
     ],
 )
 def test_a_bad_client_evaluation_is_refused_naming_the_node(metrics: dict[str, float], needle: str) -> None:
-    strategy = make_strategy(rule("fedavg"), 1, client_eval=True, max_eval_examples=100)
+    strategy = RuleStrategy(rule("fedavg"), RoundSettings(1, client_eval=True, max_eval_examples=100))
     strategy.policy.sent = [FakeReply(None, 0)]
     bad = FakeReply(RecordDict({"metrics": MetricRecord(metrics), "client": ConfigRecord({"domain": "bio", "partition-id": 0})}), 4)
 

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.studies.baselines import Workbench, load_data, make_workbench
-from fl.run.config import RunConfig
+from fl.federation.permuted_init import permuted_copy
 from fl.modeling.evaluation import evaluate, pooled_features
+from fl.modeling.folder import save_merged
+from fl.modeling.probe import fit_probe
+from fl.run.config import RunConfig
+from fl.run.domains import load_domains
+from fl.studies.baselines import Workbench, make_workbench
 from fl.studies.interpolation import (
     above_chord,
     accuracy_drop,
@@ -21,10 +25,6 @@ from fl.studies.interpolation import (
     loss_barrier,
     path_points,
 )
-from fl.modeling.model import save_merged
-from fl.federation.permuted_init import permuted_copy
-from fl.modeling.probe import fit_probe
-
 from sims import barrier
 
 HEADS = 4
@@ -33,7 +33,7 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Setup:
-    bench: Workbench
+    workbench: Workbench
     probed: State  # the tiny encoder with linear probes fitted per domain: low loss at the end points
 
 
@@ -52,11 +52,11 @@ def setup(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]) -> Setup:
     config = RunConfig(
         model=str(tiny_model_dir), bio_data=str(bio), legal_data=str(legal), train_size=60, test_size=24, max_length=16
     )
-    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    for domain, data in bench.train_sets.items():  # fl.studies.baselines.fit_base, with a cheaper fit
-        head = fit_probe(pooled_features(bench.model, data), data.labels, 3, max_iter=25)
-        bench.model.heads[domain].load_state_dict(head.state_dict())
-    return Setup(bench, {k: v.detach().clone() for k, v in bench.model.state_dict().items()})
+    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
+    for domain, data in workbench.train_sets.items():  # fl.studies.baselines.fit_base, with a cheaper fit
+        head = fit_probe(pooled_features(workbench.model, data), data.labels, 3, max_iter=25)
+        workbench.model.heads[domain].load_state_dict(head.state_dict())
+    return Setup(workbench, {k: v.detach().clone() for k, v in workbench.model.state_dict().items()})
 
 
 def _jittered(state: State, seed: int, scale: float = 0.05) -> State:
@@ -66,7 +66,7 @@ def _jittered(state: State, seed: int, scale: float = 0.05) -> State:
 
 def test_interpolation_end_points_are_the_two_models_exactly(setup: Setup) -> None:
     a, b = setup.probed, _jittered(setup.probed, seed=1)
-    model, test_sets = setup.bench.model, setup.bench.test_sets
+    model, test_sets = setup.workbench.model, setup.workbench.test_sets
     direct = []
     for state in (a, b):
         model.load_state_dict(state)
@@ -87,11 +87,11 @@ def test_permuted_twin_has_zero_aligned_barrier_and_a_positive_naive_one(setup: 
     ts = path_points(5)
 
     alignment = align(a, b, HEADS, residual=True)
-    naive = barriers(evaluate_path(setup.bench.model, setup.bench.test_sets, a, b, ts), ts)
-    aligned = barriers(evaluate_path(setup.bench.model, setup.bench.test_sets, a, alignment.state, ts), ts)
+    naive = barriers(evaluate_path(setup.workbench.model, setup.workbench.test_sets, a, b, ts), ts)
+    aligned = barriers(evaluate_path(setup.workbench.model, setup.workbench.test_sets, a, alignment.state, ts), ts)
 
     assert sum(alignment.moved.values()) > 0
-    for domain in setup.bench.test_sets:
+    for domain in setup.workbench.test_sets:
         assert naive[domain]["loss-barrier"] > 0.05
         assert abs(aligned[domain]["loss-barrier"]) < 1e-5
         assert abs(aligned[domain]["accuracy-drop"]) < 1e-5
@@ -119,11 +119,11 @@ def test_interpolate_refuses_models_of_different_shapes(setup: Setup) -> None:
 
 
 def _run_folder(setup: Setup, folder: Path) -> Path:
-    bench = setup.bench
+    workbench = setup.workbench
     for name, state in [("bio-expert", setup.probed), ("legal-expert", permuted_copy(setup.probed, HEADS, seed=5))]:
-        bench.model.load_state_dict(state)
-        save_merged(bench.model, bench.tokenizer, folder / name, bench.label_names)
-    (folder / "results.json").write_text(json.dumps({"config": bench.config.to_record()}))
+        workbench.model.load_state_dict(state)
+        save_merged(workbench.model, workbench.tokenizer, folder / name, workbench.label_names)
+    (folder / "results.json").write_text(json.dumps({"config": workbench.config.to_record()}))
     return folder
 
 

@@ -14,10 +14,11 @@ import torch
 from transformers import AutoModel, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 from fl.experts.compatibility import compatibility, moved_units
-from fl.experts.merge import merge, merged_predictor, prepare, refusal
 from fl.experts.loading import load_expert, save_predictor
-from fl.modeling.model import MultiHeadEncoder, default_model_path, load_merged, save_merged
-from fl.modeling.training import TrainSettings
+from fl.experts.merge import merge, merged_predictor, prepare, refusal
+from fl.modeling.folder import load_merged, save_merged
+from fl.modeling.model import MultiHeadEncoder, default_model_path
+from fl.modeling.train_settings import TrainSettings
 from sims import merge_experts
 from strategies.rules import settings
 from tests.conftest import tiny_bert_config

@@ -1,10 +1,9 @@
-"""The multi-head model: keys, client subsets, saving in Hugging Face format, early model checks."""
+"""The multi-head model: keys, client subsets, early model checks (saving: test_folder.py)."""
 
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel
 
 from fl.modeling.model import (
     ModelError,
@@ -12,11 +11,8 @@ from fl.modeling.model import (
     check_model,
     client_state,
     cpu_state,
-    load_merged,
-    load_tokenizer,
     max_positions,
     not_an_encoder,
-    save_merged,
 )
 
 
@@ -49,21 +45,6 @@ def test_states_leaving_the_model_are_cpu_copies_that_later_training_leaves_alon
     for state in states:
         assert all(v.device.type == "cpu" for v in state.values())
         assert not torch.equal(state["heads.bio.weight"], model.heads["bio"].weight)
-
-
-def test_saved_model_loads_with_automodel_and_round_trips(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0).eval()
-    ids = torch.tensor([[101, 2000, 2001, 102]])
-    mask = torch.ones_like(ids)
-
-    save_merged(model, load_tokenizer(str(tiny_model_dir)), tmp_path / "merged", {"bio": "abc", "legal": "xy"})
-    plain = AutoModel.from_pretrained(tmp_path / "merged").eval()
-    again, labels = load_merged(tmp_path / "merged")
-
-    with torch.no_grad():
-        assert torch.allclose(plain(input_ids=ids).last_hidden_state, model.encoder(input_ids=ids).last_hidden_state)
-        assert torch.allclose(again.eval()("legal", ids, mask), model("legal", ids, mask))
-    assert labels == {"bio": ["a", "b", "c"], "legal": ["x", "y"]}
 
 
 def test_model_path_without_config_is_refused_before_loading(tmp_path: Path) -> None:

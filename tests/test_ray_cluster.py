@@ -26,10 +26,11 @@ from flwr.clientapp import ClientApp
 
 import fl.federation.client
 import fl.federation.simulation
-from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.run.config import ConfigError, RunConfig
-from fl.federation.rounds import CentralEvaluator
+from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import SimulationResources, check_resources, run_strategy
+from fl.run.config import ConfigError, RunConfig
+from fl.run.domains import load_domains
+from fl.studies.baselines import FEDAVG, fit_base, make_workbench
 from tests.conftest import tiny_run_config
 
 START_TIMEOUT_S = 120
@@ -128,8 +129,8 @@ def test_two_clients_run_one_on_each_node_of_a_ray_cluster_that_outlives_each_st
     import ray
 
     config = tiny_run_config(tiny_model_dir, toy_csvs, rounds=2)
-    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    start, base_scores = fit_base(bench)
+    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
+    start, base_scores = fit_base(workbench)
     served = tmp_path / "served.txt"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(fl.federation.simulation, "make_client_app", recording_client_app(str(served)))
@@ -140,12 +141,12 @@ def test_two_clients_run_one_on_each_node_of_a_ray_cluster_that_outlives_each_st
         check_resources(resources, config.num_clients)
         with pytest.raises(ConfigError, match="has no GPU"):
             check_resources(SimulationResources(ray_address=address, gpus_per_client=0.5), config.num_clients)
-        evaluator = CentralEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)
+        evaluator = CentralEvaluator(workbench.model, workbench.test_sets, "fedavg", initial_scores=base_scores)
 
-        outcome = run_strategy(config, FEDAVG, start, evaluator, resources=resources)
+        outcome = run_strategy(StrategyJob(config, FEDAVG, start, evaluator), resources=resources)
         disconnected = not ray.is_initialized()  # Flower's ray.shutdown only disconnected this driver...
-        evaluator_again = CentralEvaluator(bench.model, bench.test_sets, "again", initial_scores=base_scores)
-        again = run_strategy(replace(config, rounds=1), FEDAVG, start, evaluator_again, resources=resources)  # ...the next one attaches
+        evaluator_again = CentralEvaluator(workbench.model, workbench.test_sets, "again", initial_scores=base_scores)
+        again = run_strategy(StrategyJob(replace(config, rounds=1), FEDAVG, start, evaluator_again), resources=resources)  # ...the next one attaches
 
         ray.init(address=address)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}

@@ -1,4 +1,4 @@
-"""The registry of merge rules: declared options parsed and checked once, the README's table made from it,
+"""The registry of merge rules: declared options parsed and checked once, the docs' table of rules made from it,
 and every client checked before a rule sees it."""
 
 import re
@@ -12,7 +12,7 @@ from strategies.options import Option, OptionError
 from strategies.rules import RULES, default_values, markdown_table, option_keys, parse_names, settings
 from strategies.update import ClientUpdate, MergeContext
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RULES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "merge-rules.md"  # where the table of rules lives
 
 
 def test_every_rule_merges_two_clients_into_the_keys_they_sent() -> None:
@@ -103,8 +103,8 @@ def test_a_client_weight_that_is_not_positive_is_refused(weight: float) -> None:
         fedavg.merge({"w": torch.zeros(2)}, [ClientUpdate("node 1", "c1", {"w": torch.ones(2)}, weight)], MergeContext())
 
 
-def test_the_readme_table_of_rules_is_the_registrys() -> None:
-    assert markdown_table() in README.read_text(), "README's table of rules is stale: python -m strategies.rules"
+def test_the_docs_table_of_rules_is_the_registrys() -> None:
+    assert markdown_table() in RULES_PAGE.read_text(), "docs/merge-rules.md's table of rules is stale: python -m strategies.rules"
 
 
 def test_a_variant_names_its_options_inline_over_the_flags_and_the_defaults() -> None:

@@ -1,20 +1,21 @@
 """Cross-device scale: K of N clients per round, replies not kept after their merge, one data cache per domain."""
 
 import gc
-from types import SimpleNamespace
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from fl.studies.baselines import fit_base, load_data, make_workbench
 from fl.federation.client import ClientRole, client_data, encoded_domain
-from fl.federation.rounds import CentralEvaluator
+from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import run_strategy
-from strategies.rules import settings
+from fl.run.domains import load_domains
+from fl.studies.baselines import fit_base, make_workbench
 from strategies.flower.sampling import client_order, sample_clients
 from strategies.flower.streaming import ReplyStream
+from strategies.rules import settings
 from tests.conftest import tiny_run_config
 
 NAMES = {node: f"{domain}-{part}" for node, (domain, part) in enumerate((d, p) for d in ("bio", "legal") for p in range(10))}
@@ -65,21 +66,21 @@ class LiveArrays(CentralEvaluator):
 @pytest.fixture(scope="module")
 def twelve_clients(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
     config = tiny_run_config(tiny_model_dir, toy_csvs, clients_per_domain=6, local_steps=1)
-    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    start, base_scores = fit_base(bench)
+    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
+    start, base_scores = fit_base(workbench)
     model_bytes = sum(t.numel() * t.element_size() for t in start.values())
-    return config, bench, start, base_scores, model_bytes
+    return config, workbench, start, base_scores, model_bytes
 
 
 @pytest.mark.parametrize(("rule", "per_round"), [("fedavg", "6"), ("median", "all")])
 def test_k_clients_train_as_drawn_and_the_driver_keeps_no_reply_after_its_round(twelve_clients, rule: str, per_round: str) -> None:
     """12 clients: holding a round's replies would be 6 (or 12) model copies; the global model and the message that
     last carried it are 2-3. FedAvg merges each reply as it arrives; the median holds the round's, then drops them."""
-    config, bench, start, base_scores, model_bytes = twelve_clients
+    config, workbench, start, base_scores, model_bytes = twelve_clients
     config = replace(config, clients_per_round=per_round)
-    evaluator = LiveArrays(bench.model, bench.test_sets, rule, initial_scores=base_scores)
+    evaluator = LiveArrays(workbench.model, workbench.test_sets, rule, initial_scores=base_scores)
 
-    outcome = run_strategy(config, settings([rule], {})[0], start, evaluator)
+    outcome = run_strategy(StrategyJob(config, settings([rule], {})[0], start, evaluator))
 
     assert sorted(evaluator.live) == [0, 1, 2]  # the server still scores every round
     assert max(evaluator.live[r] for r in (1, 2)) <= 4 * model_bytes, {r: b / model_bytes for r, b in evaluator.live.items()}

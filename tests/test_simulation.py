@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl.studies.baselines import FEDAVG, fit_base, load_data, make_workbench
-from fl.federation.rounds import CentralEvaluator
+from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import SimulationFailed, run_strategy
+from fl.run.domains import load_domains
+from fl.studies.baselines import FEDAVG, fit_base, make_workbench
 from strategies.rules import settings
 from tests.conftest import tiny_run_config
 
@@ -16,16 +17,16 @@ from tests.conftest import tiny_run_config
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
     config = tiny_run_config(tiny_model_dir, toy_csvs, client_eval=True)
-    bench = make_workbench(config, str(tiny_model_dir), load_data(config))
-    start, base_scores = fit_base(bench)
-    return config, bench, start, base_scores
+    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
+    start, base_scores = fit_base(workbench)
+    return config, workbench, start, base_scores
 
 
 def test_two_clients_two_rounds_merge_and_score_every_domain_each_round(tiny_run) -> None:
-    config, bench, start, base_scores = tiny_run
-    evaluator = CentralEvaluator(bench.model, bench.test_sets, "fedavg", initial_scores=base_scores)
+    config, workbench, start, base_scores = tiny_run
+    evaluator = CentralEvaluator(workbench.model, workbench.test_sets, "fedavg", initial_scores=base_scores)
 
-    outcome = run_strategy(config, FEDAVG, start, evaluator)
+    outcome = run_strategy(StrategyJob(config, FEDAVG, start, evaluator))
 
     assert sorted(evaluator.history) == [0, 1, 2]
     assert all(set(scores) == {"bio", "legal"} for scores in evaluator.history.values())
@@ -36,21 +37,21 @@ def test_two_clients_two_rounds_merge_and_score_every_domain_each_round(tiny_run
 
 
 def test_a_client_that_raises_fails_the_run_with_its_error(tiny_run) -> None:
-    config, bench, start, base_scores = tiny_run
+    config, workbench, start, base_scores = tiny_run
     broken = replace(config, bio_data=str(Path(config.bio_data).with_name("missing.csv")), client_eval=False)
-    evaluator = CentralEvaluator(bench.model, bench.test_sets, "broken", initial_scores=base_scores)
+    evaluator = CentralEvaluator(workbench.model, workbench.test_sets, "broken", initial_scores=base_scores)
 
     with pytest.raises(SimulationFailed, match="missing.csv"):
-        run_strategy(broken, FEDAVG, start, evaluator)
+        run_strategy(StrategyJob(broken, FEDAVG, start, evaluator))
 
 
 @pytest.mark.parametrize(("rule", "statistic"), [("fisher", "fisher"), ("regmean", "gram")])
 def test_rules_with_client_statistics_run_two_clients_two_rounds(tiny_run, rule: str, statistic: str) -> None:
-    config, bench, start, base_scores = tiny_run
+    config, workbench, start, base_scores = tiny_run
     (setting,) = settings([rule], {f"{rule}-batches": 1})
-    evaluator = CentralEvaluator(bench.model, bench.test_sets, rule, initial_scores=base_scores)
+    evaluator = CentralEvaluator(workbench.model, workbench.test_sets, rule, initial_scores=base_scores)
 
-    outcome = run_strategy(replace(config, client_eval=False), setting, start, evaluator)
+    outcome = run_strategy(StrategyJob(replace(config, client_eval=False), setting, start, evaluator))
 
     assert sorted(evaluator.history) == [0, 1, 2]
     sent = [c["bytes-sent"] for h in outcome.client_history for c in h["clients"]]

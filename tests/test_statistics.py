@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModel
 
 from fl.data.batches import Encoded, collate, training_batches
-from fl.modeling.model import MultiHeadEncoder
 from fl.modeling.client_statistics import client_statistic, fisher_diagonal, input_grams
-from fl.modeling.training import TrainSettings
+from fl.modeling.model import MultiHeadEncoder
+from fl.modeling.train_settings import TrainSettings
 from tests.conftest import tiny_bert_config
 
 

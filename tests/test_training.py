@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fl.data.batches import collate, encode
 from fl.modeling.evaluation import evaluate
 from fl.modeling.model import build_model, cpu_state, load_tokenizer
-from fl.modeling.training import TrainSettings, train
+from fl.modeling.train_settings import TrainSettings
+from fl.modeling.training import run_steps, train
 
 TEXTS = ["the heart is large", "the kidney fails", "a bone breaks", "the heart beats fast"] * 4
 LABELS = [0, 1, 2, 0] * 4
@@ -47,6 +49,23 @@ def test_fedprox_term_is_nonzero_on_second_batch_and_zero_without_mu(tiny_model_
     assert with_mu.proximal[0] == 0.0  # weights still equal the global ones before the first step
     assert with_mu.proximal[1] > 0.0 and with_mu.proximal[2] > 0.0
     assert without.proximal == [0.0, 0.0, 0.0]
+
+
+def test_the_step_loop_hands_each_batch_with_its_indices_and_follows_the_losses_plus_the_fedprox_term(tiny_model_dir: Path) -> None:
+    model, data = tiny(tiny_model_dir)
+    seen = []
+
+    def batch_loss(domain: str, logits: torch.Tensor, batch, indices) -> torch.Tensor:
+        seen.append((domain, tuple(logits.shape), batch.labels.tolist(), data.labels[list(indices)].tolist()))
+        return torch.nn.functional.cross_entropy(logits, batch.labels)
+
+    report = run_steps(model, [("bio", data)], TrainSettings(steps=3, batch_size=4, proximal_mu=0.5), 0, batch_loss)
+
+    assert [(d, shape) for d, shape, _, _ in seen] == [("bio", (4, 3))] * 3
+    assert all(labels == by_index for _, _, labels, by_index in seen)
+    assert report.proximal[1] > 0.0
+    assert report.objectives == pytest.approx([loss + prox for loss, prox in zip(report.losses, report.proximal)], rel=1e-5)
+    assert not model.training
 
 
 def test_num_examples_counts_examples_not_batches(tiny_model_dir: Path) -> None:

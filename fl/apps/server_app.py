@@ -8,22 +8,22 @@ the federated-only run of ``fl.studies.federated_run``. This module is only the 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl.run.checkpoint import RunFolder, StrategyCheckpoint, check_out, run_identity
-from fl.run.config import ConfigError, RunConfig, split_run_config
 from fl.data.partitions import parse_partition_scheme
+from fl.federation.rounds import run_on_grid
+from fl.run.checkpoint import RunFolder, check_out, run_identity
+from fl.run.config import ConfigError, RunConfig, split_run_config
+from fl.run.versions import package_versions
 from fl.studies.experiment import run_experiment
 from fl.studies.federated_run import run_federated
-from fl.run.versions import package_versions
-from fl.federation.rounds import CentralEvaluator, StrategyOutcome, run_on_grid
 from strategies.options import parse_bool
 from strategies.rules import RuleSetting, parse_names, settings
 
@@ -84,15 +84,9 @@ def main(grid: Grid, context: Context) -> None:
         run_federated(grid, config, options.strategies, folder, package_versions())
         return
 
-    from fl.studies.baselines import load_data
     from fl.modeling.model import check_model
+    from fl.run.domains import load_domains
 
     model_path = check_model(config.model, config.max_length)
-    data = load_data(config)
-
-    def on_grid(
-        cfg: RunConfig, setting: RuleSetting, start: dict[str, torch.Tensor], evaluator: CentralEvaluator, checkpoint: StrategyCheckpoint
-    ) -> StrategyOutcome:
-        return run_on_grid(grid, cfg, setting, start, evaluator, checkpoint)
-
-    run_experiment(config, model_path, data, options.strategies, folder, package_versions(), runner=on_grid)
+    data = load_domains(config)
+    run_experiment(config, model_path, data, options.strategies, folder, package_versions(), runner=functools.partial(run_on_grid, grid))

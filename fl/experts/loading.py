@@ -24,8 +24,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl.data.batches import Encoded
+from fl.modeling.errors import ModelError
 from fl.modeling.evaluation import Score, per_example, score_logits
-from fl.modeling.model import HEADS_FILE, META_FILE, ModelError, check_model, load_tokenizer, mean_pool
+from fl.modeling.folder import HEADS_FILE, META_FILE, save_merged
+from fl.modeling.model import check_model, load_tokenizer, mean_pool
 from fl.modeling.probe import fit_probe
 
 log = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def save_predictor(predictor: Predictor, out: Path, label_names: Mapping[str, Se
     """fedmerge's model folder (``save_merged``: AutoModel loads the encoder; mean-pooled linear heads in
     heads.safetensors); a domain whose head is a checkpoint classifier gets that whole classifier, holding this
     encoder, in ``<domain>-classifier/`` (AutoModelForSequenceClassification loads it; fedmerge.json names it)."""
-    from fl.modeling.model import MultiHeadEncoder, save_merged
+    from fl.modeling.model import MultiHeadEncoder
 
     linear = {d: h for d, h in predictor.heads.items() if isinstance(h, nn.Linear)}
     model = MultiHeadEncoder(predictor.body, {d: h.out_features for d, h in linear.items()})

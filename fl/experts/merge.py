@@ -21,10 +21,10 @@ from transformers import PreTrainedTokenizerBase
 from fl.data.batches import Encoded
 from fl.experts.compatibility import Compatibility
 from fl.experts.loading import MEAN_LINEAR, Predictor, with_body
-from fl.modeling.model import MultiHeadEncoder
-from fl.modeling.client_statistics import client_statistic
-from fl.modeling.training import TrainSettings
 from fl.experts.vocabulary import fill_missing, input_embedding_key, keep_single_source, merged_tokenizer, merged_tokens, remap_rows
+from fl.modeling.client_statistics import client_statistic
+from fl.modeling.model import MultiHeadEncoder
+from fl.modeling.train_settings import TrainSettings
 from strategies.permutation import permutation_spec
 from strategies.rules import RuleSetting
 from strategies.update import ClientUpdate, MergeContext

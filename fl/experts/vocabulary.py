@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase
 
-VOCAB_MODES = ("first", "union")
+from fl.experts.options import VOCAB_MODES
+
 SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 

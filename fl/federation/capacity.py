@@ -11,6 +11,14 @@ actor mid-round. A rule whose clients send statistics makes each reply larger by
 weight; Grams: in x in floats per linear layer), computed from the model's config like the weights. The constants
 were fitted, with margin, to the peak memory (PSS) of the whole process tree measured by ``bench/scale.py``
 (MiniLM-L6, 2 actors; see bench/README.md).
+
+The actors on this machine follow the Ray options. Flower starts as many as the CPUs allow, each reserving
+``--client-cpus`` (by default this machine's cores split among the clients), and at most one per client ever
+holds a model. With ``--ray-address`` (or RAY_ADDRESS) this machine is the driver's node of a cluster: Ray places
+actors on it as on any node, up to the CPUs it offers (at most its cores; docs/scale-out.md's head offers 8), and
+a node too small for one client hosts none, so its memory holds the server side only; the other nodes' memory is
+theirs (docs/scale-out.md, "Memory per node"). The replies in flight are counted from this machine's actors: on a
+cluster they follow all of its actors, which this check does not see.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl.run.config import ConfigError, RunConfig
 from fl.modeling.model import resolve_model
+from fl.run.config import ConfigError, RunConfig
 
 GIB = 2**30
 FIXED_BYTES = int(1.0 * GIB)  # driver with torch, transformers, flwr and ray imported, plus Ray's own daemons
@@ -34,7 +42,7 @@ HEADROOM = 0.85  # of the available memory; the rest is left to the page cache a
 
 
 class CapacityError(ConfigError):
-    """The simulation would need more memory than this machine has available."""
+    """The simulation would need more memory (or CPUs) than this machine has available."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,12 @@ class MemoryEstimate:
     replies_held: int  # at the peak: the replies in flight (streamed merge) or one round's (any other rule)
     streamed: bool  # every rule of the run merges replies as they arrive
     max_clients: int  # the largest client count whose estimate fits
+    cluster: bool = False  # the clients run on a Ray cluster: this machine is its driver's node
 
     def describe(self) -> str:
+        here = "this node of the cluster" if self.cluster else "this machine"
         return (
-            f"{self.num_clients} clients need about {self.peak_bytes / GIB:.1f} GiB "
+            f"{self.num_clients} clients need about {self.peak_bytes / GIB:.1f} GiB on {here} "
             f"({FIXED_BYTES / GIB:.1f} GiB base + {self.num_actors} actors + {self.replies_held} replies or global copies of "
             f"{self.model_bytes / 2**20:.0f} MiB)"
             f" and {HEADROOM:.0%} of the available memory is {HEADROOM * self.available_bytes / GIB:.1f} GiB"
@@ -84,6 +94,14 @@ def available_memory() -> int:
     return available
 
 
+def actors_here(num_clients: int, client_cpus: int, cores: int) -> int:
+    """Client actors on a machine of ``cores`` CPUs that ever hold a model: as many as the CPUs allow, each
+    reserving ``client_cpus`` (0: the cores split among the clients, as fl.federation.simulation grants them), at
+    most one per client; 0 when one client needs more CPUs than there are."""
+    each = client_cpus or max(1, cores // min(num_clients, cores))
+    return min(num_clients, cores // each)
+
+
 def replies_held(per_round: int, num_actors: int, streamed: bool) -> int:
     """Model-sized objects the driver holds at once: the global copies plus the replies in flight (a streamed
     merge) or the round's replies (any other rule)."""
@@ -102,26 +120,33 @@ def check_fits(
     available: int | None = None,
     statistics: tuple[str, ...] = (),
     streamed: bool = False,
+    client_cpus: int = 0,
+    cluster: bool = False,
+    cores: int | None = None,
 ) -> MemoryEstimate:
-    """Estimate the simulation's peak memory; raise CapacityError (one line) if it exceeds the headroom.
+    """Estimate the simulation's peak memory on this machine; raise CapacityError (one line) if it exceeds the headroom.
 
     Call it before loading data or weights (``model_path`` defaults to ``config.model``); ``available``
     defaults to what the machine has now; ``statistics`` are those the run's rules ask clients for (the
-    largest reply counts); ``streamed``: every rule of the run merges replies as they arrive.
+    largest reply counts); ``streamed``: every rule of the run merges replies as they arrive; ``client_cpus``
+    and ``cluster``: the Ray options (--client-cpus; --ray-address or RAY_ADDRESS); ``cores`` defaults to this
+    machine's. On a local Ray, a client that needs more CPUs than there are is refused too.
     """
+    cores = cores or os.cpu_count() or 1
+    actors = actors_here(config.num_clients, client_cpus, cores)
+    if not actors and not cluster:
+        raise CapacityError(f"--client-cpus {client_cpus}: a client needs more CPUs than this machine's {cores}; expected at most {cores} (or a Ray cluster: --ray-address)")
     path = model_path or resolve_model(config.model)
     model = max(model_bytes(path, statistic) for statistic in ("", *statistics))
     free = available_memory() if available is None else available
-    cores = os.cpu_count() or 1
-    actors = min(config.num_clients, cores)  # fl.federation.simulation grants each client cores // min(clients, cores) CPUs
     budget = HEADROOM * free
     per_round = config.sampled_clients
     held = replies_held(per_round, actors, streamed)
-    fixed = estimate_peak(GLOBAL_MODEL_COPIES, cores, model)  # a large federation uses every core
+    fixed = estimate_peak(GLOBAL_MODEL_COPIES, cores // (client_cpus or 1), model)  # a large federation fills every CPU here
     max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * model)))
     found = MemoryEstimate(
         num_clients=config.num_clients, num_actors=actors, model_bytes=model, peak_bytes=estimate_peak(held, actors, model),
-        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients,
+        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients, cluster=cluster,
     )
     if found.peak_bytes > budget:
         option = f"--clients-per-round {config.clients_per_round}" if per_round < config.num_clients else f"--clients-per-domain {config.clients_per_domain}"

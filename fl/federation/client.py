@@ -26,16 +26,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl.modeling.attacks import flipped_labels, poison
 from fl.data.batches import Encoded, encode
-from fl.run.config import ConfigError, RunConfig, split_run_config
-from fl.data.splits import DomainData, load_domain
 from fl.data.partitions import partition
-from fl.modeling.evaluation import evaluate
-from fl.modeling.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, num_attention_heads, resolve_model
-from fl.federation.permuted_init import client_seed, permuted_copy
+from fl.data.splits import DomainData
+from fl.federation.permuted_init import client_start
+from fl.modeling.attacks import flipped_labels, poison
 from fl.modeling.client_statistics import STATISTICS, client_statistic
+from fl.modeling.evaluation import evaluate
+from fl.modeling.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, resolve_model
 from fl.modeling.training import train
+from fl.run import seeds
+from fl.run.config import ConfigError, RunConfig, split_run_config
+from fl.run.domains import load_run_domain
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,7 @@ def client_role(config: RunConfig, node_config: Mapping[str, object]) -> ClientR
 @lru_cache(maxsize=8)
 def domain_source(config: RunConfig, domain: str) -> DomainData:
     """A domain's split, loaded once per process: every client of the domain that this actor serves shares it."""
-    return load_domain(
-        domain,
-        config.domain_sources[domain],
-        train_size=config.train_size,
-        test_size=config.test_size,
-        seed=config.seed,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        group_column=config.group_column,
-    )
+    return load_run_domain(config, domain)
 
 
 @lru_cache(maxsize=8)
@@ -116,9 +109,8 @@ def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels:
     With init 'permuted', the first round's weights are replaced by this client's own permutation of them.
     """
     state = msg.content["arrays"].to_torch_state_dict()
-    if config.init == "permuted" and int(msg.content["config"].get("server-round", 0)) == 1:
-        index = config.domains.index(role.domain) * role.num_partitions + role.partition_id
-        state = permuted_copy(state, num_attention_heads(config.model), client_seed(config.seed, index))
+    if int(msg.content["config"].get("server-round", 0)) == 1:
+        state = client_start(config, state, config.domains.index(role.domain) * role.num_partitions + role.partition_id)
     sizes = head_sizes(state)
     if sizes.get(role.domain) != num_labels:
         raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
@@ -141,6 +133,70 @@ def use_granted_threads() -> None:
         torch.set_num_threads(int(granted))
 
 
+def identity_record(role: ClientRole) -> ConfigRecord:
+    """Whom a reply comes from: the server merges heads by domain and orders replies by client name."""
+    return ConfigRecord({"domain": role.domain, "partition-id": role.partition_id})
+
+
+def requested_statistic(train_config: ConfigRecord) -> str:
+    """The statistic the server's rule asks for ('' for none), refused when this client cannot compute it."""
+    statistic = str(train_config.get("statistic", ""))
+    if statistic and statistic not in STATISTICS:
+        raise ConfigError(f"the server asks for statistic '{statistic}': expected one of {', '.join(STATISTICS)}")
+    return statistic
+
+
+def train_reply(cfg: RunConfig, role: ClientRole, msg: Message) -> Message:
+    """Train the received model on this client's partition; reply with the trained weights (poisoned when --attack
+    chose this client), the loss and examples trained on, and the statistic the rule asked for."""
+    train_data, _, num_labels = client_data(cfg, role)
+    model = receive_model(cfg, role, msg, num_labels)
+    train_config = msg.content["config"]
+    server_round = int(train_config["server-round"])
+    statistic = requested_statistic(train_config)
+    tag = f"{role.domain}-{role.partition_id}"
+
+    def progress(step: int, _domain: str, loss: float) -> None:
+        if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.local_steps:
+            log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
+
+    seed = seeds.client_training(cfg.seed, server_round, cfg.domains.index(role.domain), role.partition_id)
+    settings = cfg.train_settings(proximal_mu=float(train_config.get("proximal-mu", 0.0)))
+    attack = cfg.attack_of(role.domain, role.partition_id)  # None for an honest client; --attack is a measurement tool
+    received = client_state(model, role.domain) if attack else {}
+    report = train(model, [(role.domain, training_set(cfg, role))], settings, seed, progress)
+    trained = client_state(model, role.domain)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(poison(attack, received, trained, seed) if attack else trained),
+            "metrics": MetricRecord({"train-loss": report.mean_loss, "num-examples": report.num_examples}),
+            "client": identity_record(role),
+        }
+    )
+    if statistic:
+        batches = int(train_config.get("statistic-batches", 1))
+        content[statistic] = ArrayRecord(client_statistic(statistic, model, role.domain, train_data, batches, settings, seed))
+        log.info("client %s round %d: %s over %d batches", tag, server_round, statistic, batches)
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_reply(cfg: RunConfig, role: ClientRole, msg: Message) -> Message:
+    """Score the received model on this client's domain test set."""
+    _, test_data, num_labels = client_data(cfg, role)
+    model = receive_model(cfg, role, msg, num_labels)
+    score = evaluate(model, role.domain, test_data)
+    metrics = MetricRecord({"eval-loss": score.loss, "eval-accuracy": score.accuracy, "num-examples": len(test_data)})
+    return Message(content=RecordDict({"metrics": metrics, "client": identity_record(role)}), reply_to=msg)
+
+
+def query_reply(cfg: RunConfig, role: ClientRole, msg: Message) -> Message:
+    """Whom this node serves; unless the query is a roll call, also its domain's label names."""
+    client = identity_record(role)
+    if not msg.content["config"].get("roll-call", False):
+        client["labels"] = list(domain_source(cfg, role.domain).train.label_names)
+    return Message(content=RecordDict({"client": client}), reply_to=msg)
+
+
 def make_client_app(config: RunConfig | None = None) -> ClientApp:
     """A ClientApp bound to `config`, or reading Flower's run config when None (``flwr run``)."""
     app = ClientApp()
@@ -152,64 +208,14 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
-        cfg, role = setup(context)
-        train_data, _, num_labels = client_data(cfg, role)
-        model = receive_model(cfg, role, msg, num_labels)
-        train_config = msg.content["config"]
-        server_round = int(train_config["server-round"])
-        mu = float(train_config.get("proximal-mu", 0.0))
-        statistic = str(train_config.get("statistic", ""))
-        if statistic and statistic not in STATISTICS:
-            raise ConfigError(f"the server asks for statistic '{statistic}': expected one of {', '.join(STATISTICS)}")
-        tag = f"{role.domain}-{role.partition_id}"
-
-        def progress(step: int, _domain: str, loss: float) -> None:
-            if step == 0 or (step + 1) % 10 == 0 or step + 1 == cfg.local_steps:
-                log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
-
-        seed = cfg.seed + 1000 * server_round + 17 * role.partition_id + 7919 * cfg.domains.index(role.domain)
-        settings = cfg.train_settings(proximal_mu=mu)
-        attack = cfg.attack_of(role.domain, role.partition_id)  # None for an honest client; --attack is a measurement tool
-        received = client_state(model, role.domain) if attack else {}
-        report = train(model, [(role.domain, training_set(cfg, role))], settings, seed, progress)
-        trained = client_state(model, role.domain)
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord(poison(attack, received, trained, seed) if attack else trained),
-                "metrics": MetricRecord({"train-loss": report.mean_loss, "num-examples": report.num_examples}),
-                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
-            }
-        )
-        if statistic:
-            batches = int(train_config.get("statistic-batches", 1))
-            content[statistic] = ArrayRecord(client_statistic(statistic, model, role.domain, train_data, batches, settings, seed))
-            log.info("client %s round %d: %s over %d batches", tag, server_round, statistic, batches)
-        return Message(content=content, reply_to=msg)
+        return train_reply(*setup(context), msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
-        cfg, role = setup(context)
-        _, test_data, num_labels = client_data(cfg, role)
-        model = receive_model(cfg, role, msg, num_labels)
-        score = evaluate(model, role.domain, test_data)
-        content = RecordDict(
-            {
-                "metrics": MetricRecord(
-                    {"eval-loss": score.loss, "eval-accuracy": score.accuracy, "num-examples": len(test_data)}
-                ),
-                "client": ConfigRecord({"domain": role.domain, "partition-id": role.partition_id}),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return evaluate_reply(*setup(context), msg)
 
     @app.query()
     def query_handler(msg: Message, context: Context) -> Message:
-        cfg, role = setup(context)
-        client = ConfigRecord({"domain": role.domain, "partition-id": role.partition_id})
-        if not msg.content["config"].get("roll-call", False):  # a roll call only asks whom the node serves
-            client["labels"] = list(domain_source(cfg, role.domain).train.label_names)
-        content = RecordDict({"client": client})
-        return Message(content=content, reply_to=msg)
+        return query_reply(*setup(context), msg)
 
     return app
-

@@ -12,6 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
+from fl.modeling.model import num_attention_heads
+from fl.run import seeds
+from fl.run.config import RunConfig
 from strategies.permutation import apply_permutation, permutation_spec, random_permutation
 
 
@@ -22,6 +25,9 @@ def permuted_copy(state: Mapping[str, torch.Tensor], num_heads: int, seed: int) 
     return apply_permutation(state, spec, random_permutation(spec, state, generator))
 
 
-def client_seed(seed: int, client_index: int) -> int:
-    """One permutation per client, the same for the same run seed."""
-    return 1_000_003 * (seed + 1) + client_index
+def client_start(config: RunConfig, start: Mapping[str, torch.Tensor], client_index: int) -> dict[str, torch.Tensor]:
+    """Where client `client_index` (and the expert trained like it) starts: the shared start or, with
+    ``--init permuted``, its own permutation of it, the same for the same run seed."""
+    if config.init != "permuted":
+        return dict(start)
+    return permuted_copy(start, num_attention_heads(config.model), seeds.client_permutation(config.seed, client_index))

@@ -11,7 +11,7 @@ checkpointed continues from its last round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl.data.batches import Encoded
-from fl.run.checkpoint import StrategyCheckpoint
-from fl.run.config import RunConfig
 from fl.modeling.evaluation import Score, evaluate
 from fl.modeling.model import MultiHeadEncoder, num_attention_heads
-from strategies.flower.strategy import make_strategy
+from fl.run.checkpoint import StrategyCheckpoint
+from fl.run.config import RunConfig
+from strategies.flower.strategy import RoundSettings, RuleStrategy
 from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,17 @@ class CentralEvaluator:
 
 
 @dataclass
+class StrategyJob:
+    """One strategy's run, as every runner (a local simulation, a given Grid) takes it."""
+
+    config: RunConfig
+    setting: RuleSetting
+    start: Mapping[str, torch.Tensor]  # the global model before round 1
+    evaluator: CentralEvaluator | None  # None: the server holds no test data (``server-data = false``)
+    checkpoint: StrategyCheckpoint | None = None  # where each completed round is saved; None: not saved
+
+
+@dataclass
 class StrategyOutcome:
     """What one strategy's run leaves behind for the report."""
 
@@ -71,24 +82,11 @@ class StrategyOutcome:
     error: BaseException | None = None
 
 
-def run_on_grid(
-    grid: Grid,
-    config: RunConfig,
-    setting: RuleSetting,
-    initial_state: Mapping[str, torch.Tensor],
-    evaluator: CentralEvaluator | None,
-    checkpoint: StrategyCheckpoint | None = None,
-    in_flight: int | None = None,
-) -> StrategyOutcome:
-    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails.
-
-    With a checkpoint, every completed round is saved, and a strategy that an earlier run left after round K
-    continues with round K + 1 from the saved weights, scores and strategy state.
-    """
-    strategy = make_strategy(
-        setting,
-        config.num_clients,
-        config.client_eval,
+def round_settings(config: RunConfig, in_flight: int | None) -> RoundSettings:
+    """The strategy's view of the run: its federation, seed, reply policy and the limits of honest replies."""
+    return RoundSettings(
+        num_clients=config.num_clients,
+        client_eval=config.client_eval,
         num_heads=num_attention_heads(config.model),
         seed=config.seed,
         reply_timeout=config.reply_timeout,
@@ -98,10 +96,21 @@ def run_on_grid(
         clients_per_round=config.sampled_clients,
         in_flight=in_flight,
     )
+
+
+def run_on_grid(grid: Grid, job: StrategyJob, in_flight: int | None = None) -> StrategyOutcome:
+    """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails.
+
+    With a checkpoint, every completed round is saved, and a strategy that an earlier run left after round K
+    continues with round K + 1 from the saved weights, scores and strategy state.
+    """
+    config, setting, evaluator, checkpoint = job.config, job.setting, job.evaluator, job.checkpoint
+    initial_state = job.start
+    strategy = RuleStrategy(setting, round_settings(config, in_flight))
     done = checkpoint.load() if checkpoint is not None else None
     if done is not None:
         log.info("%s: resuming after round %d of %d", setting.name, done.server_round, config.rounds)
-        strategy.restore(done.strategy, done.server_round)
+        strategy.restore(done.strategy_state, done.server_round)
         initial_state = done.weights
         if evaluator is not None:
             evaluator.history.update(done.scores)
@@ -133,22 +142,41 @@ def run_on_grid(
     return StrategyOutcome(final_state, strategy.client_history, dict(strategy.client_evaluations))
 
 
-def make_server_app(
-    config: RunConfig,
-    setting: RuleSetting,
-    initial_state: Mapping[str, torch.Tensor],
-    evaluator: CentralEvaluator,
-    outcome: StrategyOutcome,
-    checkpoint: StrategyCheckpoint | None = None,
-    in_flight: int | None = None,
-) -> ServerApp:
+StrategyRunner = Callable[[StrategyJob], StrategyOutcome]  # a local simulation, or a given Grid
+
+
+def read_back(job: StrategyJob) -> StrategyOutcome | None:
+    """The outcome of a strategy that an earlier run of this folder finished (its rounds' scores go to the job's
+    evaluator; its weights are in its model folder), or None when it still has rounds to run."""
+    done = job.checkpoint.load() if job.checkpoint is not None else None
+    if done is None or not done.finished:
+        return None
+    log.info("strategy %s: finished earlier, read back from %s", job.setting.name, job.checkpoint.folder)  # type: ignore[union-attr]
+    if job.evaluator is not None:
+        job.evaluator.history.update(done.scores)
+    state = done.strategy_state
+    evaluations = {int(r): dict(m) for r, m in state["client-evaluations"].items()}  # type: ignore[union-attr]
+    return StrategyOutcome(client_history=list(state["client-history"]), client_evaluations=evaluations)  # type: ignore[call-overload]
+
+
+def run_and_save(job: StrategyJob, runner: StrategyRunner, save: Callable[[Mapping[str, torch.Tensor]], None]) -> StrategyOutcome:
+    """Run the strategy (from its last checkpoint, if any), save its final model, then mark it finished: a strategy
+    is finished only once its model folder exists."""
+    outcome = runner(job)
+    save(outcome.final_state)
+    if job.checkpoint is not None:
+        job.checkpoint.finish()
+    return outcome
+
+
+def make_server_app(job: StrategyJob, outcome: StrategyOutcome, in_flight: int | None = None) -> ServerApp:
     """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_on_grid(grid, config, setting, initial_state, evaluator, checkpoint, in_flight)
+            done = run_on_grid(grid, job, in_flight)
         except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
             outcome.error = error
             raise

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 import torch
 from flwr.simulation import run_simulation
 
-from fl.run.checkpoint import StrategyCheckpoint
 from fl.federation.client import make_client_app
-from fl.run.config import ConfigError, RunConfig
-from fl.federation.rounds import CentralEvaluator, StrategyOutcome, make_server_app
-from strategies.rules import RuleSetting
+from fl.federation.rounds import StrategyJob, StrategyOutcome, make_server_app
+from fl.run.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +168,11 @@ def messages_in_flight(client: Mapping[str, float]) -> int:
     return 2 * max(1, int(cpus // max(client["num_cpus"], 1e-9)))
 
 
-def run_strategy(
-    config: RunConfig,
-    setting: RuleSetting,
-    initial_state: Mapping[str, torch.Tensor],
-    evaluator: CentralEvaluator,
-    checkpoint: StrategyCheckpoint | None = None,
-    resources: SimulationResources = SimulationResources(),
-) -> StrategyOutcome:
+def run_strategy(job: StrategyJob, resources: SimulationResources = SimulationResources()) -> StrategyOutcome:
     """One strategy as a Flower simulation on a local Ray, or on the cluster `resources` name."""
     import ray
+
+    config, setting = job.config, job.setting
 
     address = resources.validate().cluster_address()
     client = resources.client_resources(config.num_clients)
@@ -191,7 +184,7 @@ def run_strategy(
     except ConfigError:
         ray.shutdown()
         raise
-    server = make_server_app(config, setting, initial_state, evaluator, outcome, checkpoint, messages_in_flight(client))
+    server = make_server_app(job, outcome, messages_in_flight(client))
     try:
         run_simulation(
             server_app=server,

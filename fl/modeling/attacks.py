@@ -11,7 +11,8 @@ aggregation literature (Blanchard et al. 2017, arXiv 1703.02757; Fang et al. 202
 
 Only weights in training replies are poisoned: statistics (Fisher, Gram matrices) and evaluation stay honest, and
 the baselines (experts, multi-task, one-shot merges) never see an attacker. The functions here are pure, over state
-dicts and label tensors; ``fl.client_app`` calls them.
+dicts and label tensors; ``fl.federation.client`` calls them. Parsing a spec needs no torch (the command line's
+``--help`` and checks import this module), so the tensor functions import it themselves.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GRAMMAR = {
     "scale": "scale:F:COUNT",
@@ -82,6 +87,8 @@ def poison(
 
     `received` is where local training started; `seed` makes the noise reproducible per run, round and client.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     sent = {}
     for key in sorted(trained):
@@ -99,6 +106,8 @@ def poison(
 
 def derangement(num_labels: int, seed: int) -> torch.Tensor:
     """A seeded permutation of 0..num_labels-1 that moves every label (identity for a single label)."""
+    import torch
+
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(num_labels)

@@ -21,7 +21,8 @@ from torch import nn
 
 from fl.data.batches import Batch, Encoded, collate, training_batches
 from fl.modeling.model import MultiHeadEncoder
-from fl.modeling.training import TrainSettings, trainable_parameters
+from fl.modeling.train_settings import TrainSettings
+from fl.modeling.training import trainable_parameters
 
 STATISTICS = ("fisher", "gram")
 

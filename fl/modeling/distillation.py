@@ -14,14 +14,16 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from fl.data.batches import Encoded, collate, training_batches
+from fl.data.batches import Batch, Encoded
 from fl.modeling.evaluation import per_example, pooled_features
 from fl.modeling.model import MultiHeadEncoder
 from fl.modeling.probe import fit_probe
-from fl.modeling.training import TrainSettings, lr_factor, optimizer_for, release
+from fl.modeling.train_settings import TrainSettings
+from fl.modeling.training import lr_factor, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +129,17 @@ def distill(
     on_step: Callable[[int, str, float], None] | None = None,
 ) -> DistillReport:
     """Train the student for settings.steps steps; each step takes one batch of every domain in `inputs` and follows
-    the sum of their distillation losses, as fl.modeling.training.train's multi-task steps. The student ends in eval mode."""
+    the sum of their distillation losses, in fine-tuning's step loop (fl.modeling.training.run_steps). The student ends
+    in eval mode."""
     domains = list(inputs)
     check_alignment(student, inputs, teacher_logits, domains)
-    torch.manual_seed(seed)
     training = TrainSettings(settings.steps, settings.batch_size, settings.lr, settings.head_lr, settings.weight_decay,
                              freeze_word_embeddings=settings.freeze_word_embeddings, schedule=settings.schedule)
-    _, optimizer, scheduler = optimizer_for(student, domains, training)
-    streams = [training_batches(len(inputs[d]), settings.batch_size, seed + i) for i, d in enumerate(domains)]
-    report = DistillReport()
-    student.train()
-    for step in range(settings.steps):
-        losses = []
-        for domain, stream in zip(domains, streams):
-            idx = next(stream)
-            batch = collate(inputs[domain], idx)
-            logits = student(domain, batch.input_ids, batch.attention_mask)
-            target = teacher_logits[domain][torch.as_tensor(idx)].to(logits.device)
-            losses.append((domain, distillation_loss(logits, target, settings.temperature)))
-        objective = sum(loss for _, loss in losses)
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        scheduler.step()
-        report.losses.append(objective.item())
-        if on_step is not None:
-            for domain, loss in losses:
-                on_step(step, domain, loss.item())
+
+    def to_teacher(domain: str, logits: torch.Tensor, batch: Batch, indices: np.ndarray) -> torch.Tensor:
+        target = teacher_logits[domain][torch.as_tensor(indices)].to(logits.device)
+        return distillation_loss(logits, target, settings.temperature)
+
+    report = DistillReport(run_steps(student, [(d, inputs[d]) for d in domains], training, seed, to_teacher, on_step).objectives)
     log.debug("distilled %d steps over %s: mean loss %.4f", settings.steps, ", ".join(domains), report.mean_loss)
-    release(student)
     return report

@@ -6,7 +6,7 @@ examples, and differences between two models on the same examples paired.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,9 @@ class Score:
     def from_record(cls, record: dict[str, float | str]) -> Score:
         correct = np.frombuffer(str(record["correct"]).encode(), dtype=np.uint8) == ord("1")
         return cls(float(record["accuracy"]), float(record["macro-f1"]), float(record["loss"]), correct)
+
+
+Scores = Mapping[str, Score]  # one model's score on each domain, by domain name
 
 
 def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:

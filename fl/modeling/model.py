@@ -3,30 +3,22 @@
 The encoder is what gets merged; each head belongs to one domain and reads the mean-pooled last
 hidden state (the pooling all-MiniLM-L6-v2 was trained with). State-dict keys are the public API
 that strategies work on: ``encoder.<Hugging Face key>`` and ``heads.<domain>.{weight,bias}``.
-A merged model is saved in Hugging Face format (``save_pretrained``) so ``AutoModel.from_pretrained``
-loads its encoder, with the heads in ``heads.safetensors`` and their labels in ``fedmerge.json``.
+How a model is saved and loaded back is fl.modeling.folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from fl.modeling.errors import ModelError
+
 DEFAULT_MODEL = "default"
-HEADS_FILE = "heads.safetensors"
-META_FILE = "fedmerge.json"
-
-
-class ModelError(ValueError):
-    """The --model value does not name a usable encoder."""
 
 
 def default_model_path() -> Path:
@@ -187,31 +179,3 @@ def client_state(model: MultiHeadEncoder, domain: str) -> dict[str, torch.Tensor
     """The weights a client of `domain` sends (``domain_keys``), copied to the CPU (only those: a reply per message)."""
     state = model.state_dict()
     return {k: state[k].detach().to("cpu", copy=True) for k in domain_keys(state, domain)}
-
-
-def save_merged(
-    model: MultiHeadEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: str | os.PathLike[str],
-    label_names: Mapping[str, Sequence[str]],
-) -> Path:
-    """Write a folder that AutoModel/AutoTokenizer load as is, plus the heads and their labels."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.encoder.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    heads = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.heads.state_dict().items()}
-    save_file(heads, str(out / HEADS_FILE))
-    meta = {"pooling": "mean", "domains": {d: {"labels": list(label_names[d])} for d in model.domains}}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    return out
-
-
-def load_merged(path: str | os.PathLike[str]) -> tuple[MultiHeadEncoder, dict[str, list[str]]]:
-    """Inverse of save_merged: the full multi-head model and each domain's label names."""
-    folder = Path(path)
-    meta = json.loads((folder / META_FILE).read_text())
-    labels = {d: info["labels"] for d, info in meta["domains"].items()}
-    model = MultiHeadEncoder(AutoModel.from_pretrained(folder), {d: len(v) for d, v in labels.items()})
-    model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
-    return model, labels

@@ -3,7 +3,8 @@
 The encoder and the heads of the domains being trained get AdamW (heads at their own, larger rate,
 since they start from linear probes that only need to follow the drifting features). With
 ``proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 (Li et al. 2020, arXiv 1812.06127)
-is added, with the global weights cloned once at the start of the round.
+is added, with the global weights cloned once at the start of the round. The step loop (``run_steps``) is
+shared with ensemble distillation (fl.modeling.distillation), which passes its own loss per batch.
 """
 
 from __future__ import annotations
@@ -12,31 +13,22 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from fl.data.batches import Encoded, collate, training_batches
+from fl.data.batches import Batch, Encoded, collate, training_batches
 from fl.modeling.model import MultiHeadEncoder
+from fl.modeling.train_settings import SCHEDULES, TrainSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int  # optimizer steps per domain
-    batch_size: int = 16
-    lr: float = 1e-4  # encoder learning rate
-    head_lr: float = 1e-3  # heads start from probes; they need to move faster than the encoder
-    weight_decay: float = 0.01
-    proximal_mu: float = 0.0  # FedProx; 0 = plain local SGD
-    freeze_word_embeddings: bool = True  # 11.7M of 22.7M MiniLM weights; frozen is faster and merges cleanly
-    schedule: str = "linear"  # 'linear': 10% warm-up then linear decay to 0 within each call; 'constant'
 
 
 @dataclass
 class TrainReport:
     losses: list[float] = field(default_factory=list)
     proximal: list[float] = field(default_factory=list)  # the FedProx term at each step (all 0 without it)
+    objectives: list[float] = field(default_factory=list)  # per step: what it followed, the losses' sum plus the FedProx term
     num_examples: int = 0
 
     @property
@@ -60,9 +52,6 @@ def proximal_term(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch
     """mu/2 * sum ||w - w_anchor||^2 over the trained parameters."""
     total = sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
     return 0.5 * mu * total
-
-
-SCHEDULES = ("linear", "constant")
 
 
 def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
@@ -101,6 +90,55 @@ def release(model: MultiHeadEncoder) -> None:
         param.requires_grad_(True)
 
 
+BatchLoss = Callable[[str, torch.Tensor, Batch, np.ndarray], torch.Tensor]
+"""(domain, the model's logits on a batch, the batch, its example indices) -> that batch's loss."""
+
+
+def run_steps(
+    model: MultiHeadEncoder,
+    tasks: Sequence[tuple[str, Encoded]],
+    settings: TrainSettings,
+    seed: int,
+    batch_loss: BatchLoss,
+    on_step: Callable[[int, str, float], None] | None = None,
+) -> TrainReport:
+    """The step loop of fine-tuning and distillation: settings.steps optimizer steps, each on one batch of every task
+    (the i-th task's batches shuffled with seed + i) following the sum of their `batch_loss` plus the FedProx term
+    when settings.proximal_mu > 0 (global weights cloned before the first step); the model ends released."""
+    if settings.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {settings.steps}")
+    torch.manual_seed(seed)
+    params, optimizer, scheduler = optimizer_for(model, [d for d, _ in tasks], settings)
+    anchor = {k: p.detach().clone() for k, p in params.items()} if settings.proximal_mu > 0 else None
+    streams = [training_batches(len(data), settings.batch_size, seed + i) for i, (_, data) in enumerate(tasks)]
+    report = TrainReport()
+    model.train()
+    for step in range(settings.steps):
+        losses = []
+        for (domain, data), stream in zip(tasks, streams):
+            indices = next(stream)
+            batch = collate(data, indices)
+            logits = model(domain, batch.input_ids, batch.attention_mask)
+            losses.append((domain, batch_loss(domain, logits, batch, indices), len(batch.labels)))
+        prox = proximal_term(params, anchor, settings.proximal_mu) if anchor is not None else None
+        objective = sum(loss for _, loss, _ in losses)
+        if prox is not None:
+            objective = objective + prox
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        scheduler.step()
+        report.objectives.append(objective.item())
+        report.proximal.append(prox.item() if prox is not None else 0.0)
+        for domain, loss, examples in losses:
+            report.losses.append(loss.item())
+            report.num_examples += examples
+            if on_step is not None:
+                on_step(step, domain, report.losses[-1])
+    release(model)
+    return report
+
+
 def train(
     model: MultiHeadEncoder,
     tasks: Sequence[tuple[str, Encoded]],
@@ -112,33 +150,9 @@ def train(
     one batch of every domain and follows the sum of their losses (mixed batches). Alternating one optimizer step
     per domain instead doubled the encoder's steps and cost the multi-task baseline 4.8 [3.0, 6.5] points of legal
     accuracy on the default (measured), a weaker baseline than the standard one."""
-    if settings.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {settings.steps}")
-    torch.manual_seed(seed)
-    domains = [d for d, _ in tasks]
-    params, optimizer, scheduler = optimizer_for(model, domains, settings)
-    anchor = {k: p.detach().clone() for k, p in params.items()} if settings.proximal_mu > 0 else None
-    streams = [training_batches(len(data), settings.batch_size, seed + i) for i, (_, data) in enumerate(tasks)]
     loss_fn = nn.CrossEntropyLoss()
-    report = TrainReport()
-    model.train()
-    for step in range(settings.steps):
-        losses = []
-        for (domain, data), stream in zip(tasks, streams):
-            batch = collate(data, next(stream))
-            logits = model(domain, batch.input_ids, batch.attention_mask)
-            losses.append((domain, loss_fn(logits, batch.labels.to(logits.device)), len(batch.labels)))
-        prox = proximal_term(params, anchor, settings.proximal_mu) if anchor is not None else torch.zeros(())
-        objective = sum(loss for _, loss, _ in losses) + prox
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        scheduler.step()
-        report.proximal.append(prox.item())
-        for domain, loss, examples in losses:
-            report.losses.append(loss.item())
-            report.num_examples += examples
-            if on_step is not None:
-                on_step(step, domain, loss.item())
-    release(model)
-    return report
+
+    def cross_entropy(domain: str, logits: torch.Tensor, batch: Batch, indices: np.ndarray) -> torch.Tensor:
+        return loss_fn(logits, batch.labels.to(logits.device))
+
+    return run_steps(model, tasks, settings, seed, cross_entropy, on_step)

@@ -27,16 +27,15 @@ from pathlib import Path
 
 import torch
 
+from fl.modeling.evaluation import Score, Scores
 from fl.run import files
 from fl.run.config import ConfigError, RunConfig
-from fl.modeling.evaluation import Score
 from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 RESULT_FILES = ("results.json", "results.md", "curves.png")
-Scores = dict[str, Score]
 
 
 def run_identity(config: RunConfig, strategies: Sequence[RuleSetting]) -> dict[str, object]:
@@ -101,7 +100,7 @@ class Completed:
     server_round: int
     weights: dict[str, torch.Tensor]
     scores: dict[int, Scores]  # central evaluation per round (empty without server data)
-    strategy: dict[str, object]  # RuleStrategy.state()
+    strategy_state: dict[str, object]  # RuleStrategy.state(): client history and evaluations, sampling, robust state
     finished: bool  # the strategy's rounds are all done and its model folder is saved
 
 

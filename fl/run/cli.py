@@ -2,28 +2,31 @@
 
 Each entry point in ``sims/`` adds its own options (``--strategies``, ``--out``...) to this parser, so a
 flag means the same in every script, and bad input stops with one line and exit code 2 before any
-weights load.
+weights load (``input_checks``). Nothing here imports torch or transformers: ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import fields, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 
-from fl.run.config import ConfigError, RunConfig
-from fl.data.user_files import DataError
 from fl.data.partitions import parse_partition_scheme
-from fl.modeling.model import ModelError
+from fl.data.user_files import DataError
+from fl.modeling.errors import ModelError
+from fl.run.config import ConfigError, RunConfig
 from strategies.options import OptionError
 from strategies.rules import RULES, RuleSetting, inline_values, option_keys, parse_names, settings
 
 INPUT_ERRORS = (OptionError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
 QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
 RUN_CONFIG_FIELDS = frozenset(f.name for f in fields(RunConfig))
+COMMAND = "fedmerge"  # the console command (pyproject.toml [project.scripts]); its subcommands run the sims/ scripts
 
 
 def run_options(description: str) -> argparse.ArgumentParser:
@@ -81,7 +84,7 @@ def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", def
         default=default,
         help=f"comma-separated merge rules ({', '.join(RULES)}); a variant takes options inline: ties:density=0.1:lambda=2",
     )
-    group = p.add_argument_group("merge-rule options", "each applies to its rule only (README: table of rules)")
+    group = p.add_argument_group("merge-rule options", "each applies to its rule only (docs/merge-rules.md: table of rules)")
     for key, (_, option) in option_keys().items():
         shown = f"{option.help}; {option.range_text} (default: {option.default})".replace("%", "%%")
         if option.kind is bool:
@@ -137,10 +140,46 @@ def console_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_script(main: Callable[[], int]) -> None:
-    """A sims/ script's `if __name__ == "__main__"`: run it, print its wall time when it succeeded, exit with its code."""
+@dataclass
+class InputChecks:
+    failed: bool = False  # an input error was reported: the entry point returns exit code 2
+
+
+@contextmanager
+def input_checks(*also: type[Exception]) -> Iterator[InputChecks]:
+    """The one error handler of the entry points, around the checks of what the user gave (options, data, models).
+
+    An error the user can fix (INPUT_ERRORS, and the script's own ``also``) is printed as one line, ``error: ...``,
+    on stderr and ends the block with ``failed`` set; the script then returns 2::
+
+        with input_checks() as checks:
+            config = build_config(args)
+        if checks.failed:
+            return 2
+    """
+    checks = InputChecks()
+    try:
+        yield checks
+    except (*INPUT_ERRORS, *also) as error:
+        print(f"error: {error}", file=sys.stderr)
+        checks.failed = True
+
+
+def timed(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """An entry point's exit code, its wall time printed when it succeeded."""
     started = time.monotonic()
-    code = main()
+    code = main(argv)
     if code == 0:
         print(f"total wall time {time.monotonic() - started:.0f} s")
-    sys.exit(code)
+    return code
+
+
+def run_script(main: Callable[[list[str] | None], int]) -> None:
+    """A sims/ script's `if __name__ == "__main__"`: run it, print its wall time when it succeeded, exit with its code."""
+    sys.exit(timed(main))
+
+
+def invoked_as(script: str) -> list[str]:
+    """The command the user typed to start an entry point, for a command line printed back to them: ``fedmerge
+    COMMAND`` when the fedmerge command runs it (sims/fedmerge.py puts that in sys.argv[0]), else ``python SCRIPT``."""
+    return shlex.split(sys.argv[0]) if sys.argv[0].startswith(f"{COMMAND} ") else ["python", script]

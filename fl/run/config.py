@@ -9,13 +9,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-
 from fl.modeling.attacks import AttackSpec, client_name, draw_attackers, parse_attack
-from fl.modeling.training import SCHEDULES, TrainSettings
+from fl.modeling.train_settings import SCHEDULES, TrainSettings
 from strategies.options import OptionError, parse_bool
 from strategies.rules import option_keys
-
 
 INITS = ("shared", "permuted")
 NODE_LOSS = ("fail", "continue")
@@ -163,6 +160,8 @@ def check_clients_per_round(text: str, num_clients: int) -> None:
 
 def check_device(name: str) -> None:
     """Refuse a device torch cannot parse, or an accelerator (or an index of one) this machine lacks."""
+    import torch  # here, not at the top: the command line and its --help read this module without torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -15,26 +15,27 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fl.data.batches import Encoded, encode
-from fl.run.config import RunConfig
-from fl.data.user_files import DataError
-from fl.data.splits import DomainData, load_domain
-from fl.modeling.evaluation import Score, evaluate, pooled_features
+from fl.data.splits import DomainData
+from fl.modeling.client_statistics import client_statistic
+from fl.modeling.evaluation import Scores, evaluate, pooled_features
+from fl.modeling.folder import save_merged
 from fl.modeling.model import MultiHeadEncoder, build_model, cpu_state, domain_keys, load_tokenizer, num_attention_heads
 from fl.modeling.probe import fit_probe
-from fl.modeling.client_statistics import client_statistic
 from fl.modeling.training import train
+from fl.run import seeds
+from fl.run.config import RunConfig
 from strategies.rules import RuleSetting, settings
 from strategies.update import ClientUpdate, MergeContext
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
-Scores = dict[str, Score]
 
 
 @dataclass
@@ -58,30 +59,10 @@ class Workbench:
         self.model.load_state_dict(state)
         return {d: evaluate(self.model, d, self.test_sets[d]) for d in self.test_sets}
 
-
-def load_data(config: RunConfig) -> dict[str, DomainData]:
-    """Each domain's train and test sets; a --train-size below its number of labels is refused."""
-    data = {
-        name: load_domain(
-            name,
-            source,
-            train_size=config.train_size,
-            test_size=config.test_size,
-            seed=config.seed,
-            text_column=config.text_column,
-            label_column=config.label_column,
-            group_column=config.group_column,
-        )
-        for name, source in config.domain_sources.items()
-    }
-    for name, domain in data.items():  # a smaller test set is only a coarser measurement; a smaller training set
-        # leaves labels that no client and no probe has seen
-        if config.train_size < domain.num_labels:
-            raise DataError(
-                f"--train-size {config.train_size}: domain {name} has {domain.num_labels} labels; expected at least "
-                f"{domain.num_labels} (one example per label)"
-            )
-    return data
+    def save(self, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+        """`state` as a model folder that ``AutoModel.from_pretrained`` (and ``load_merged``) reads."""
+        self.model.load_state_dict(state)
+        save_merged(self.model, self.tokenizer, folder, self.label_names)
 
 
 def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainData]) -> Workbench:
@@ -92,72 +73,67 @@ def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainDat
     return Workbench(config, model_path, data, train_sets, test_sets, model, tokenizer)
 
 
-def fit_base(bench: Workbench) -> tuple[State, Scores]:
+def fit_base(workbench: Workbench) -> tuple[State, Scores]:
     """Probe heads on the frozen encoder; returns the start state of every other model and its scores."""
-    model = bench.model
-    for domain, data in bench.train_sets.items():
+    model = workbench.model
+    for domain, data in workbench.train_sets.items():
         head = fit_probe(pooled_features(model, data), data.labels, model.heads[domain].out_features)
         model.heads[domain].load_state_dict(head.state_dict())
     state = cpu_state(model)
-    return state, bench.score(state)
+    return state, workbench.score(state)
 
 
-def expert_seed(seed: int, index: int) -> int:
-    """The training seed (batch order, dropout) of the expert of the index-th domain."""
-    return seed + 101 * (index + 1)
-
-
-def fine_tune(bench: Workbench, start: State, domains: list[str], steps: int, seed: int, label: str) -> State:
+def fine_tune(workbench: Workbench, start: State, domains: list[str], steps: int, seed: int, label: str) -> State:
     """Train from `start` on the given domains (one batch of each per step), logging progress."""
-    bench.model.load_state_dict(start)
+    workbench.model.load_state_dict(start)
     tick = time.monotonic()
 
     def progress(step: int, domain: str, loss: float) -> None:
         if step == 0 or (step + 1) % 20 == 0 or step + 1 == steps:
             log.info("%s: step %d/%d (%s) loss %.4f  %.0fs", label, step + 1, steps, domain, loss, time.monotonic() - tick)
 
-    tasks = [(d, bench.train_sets[d]) for d in domains]
-    train(bench.model, tasks, bench.config.train_settings(steps=steps), seed, progress)
-    return cpu_state(bench.model)
+    tasks = [(d, workbench.train_sets[d]) for d in domains]
+    train(workbench.model, tasks, workbench.config.train_settings(steps=steps), seed, progress)
+    return cpu_state(workbench.model)
 
 
 FEDAVG = settings(["fedavg"], {})[0]
 
 
-def one_shot(bench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
+def one_shot(workbench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
     """The experts merged once by ``setting``'s rule from ``start``: one client per domain sending its encoder and
     own head, weighted by its domain's training examples, with the statistics the rule asks for computed on
     that domain's training set."""
-    config = bench.config
+    config = workbench.config
     batches = int(setting.client_config().get("statistic-batches", 0))
     statistic = setting.rule.statistic
     clients = []
     for domain, state in experts.items():
         stats = {}
         if statistic is not None:
-            bench.model.load_state_dict(state)
-            stats = client_statistic(statistic.name, bench.model, domain, bench.train_sets[domain], batches, config.train_settings(), seed)
+            workbench.model.load_state_dict(state)
+            stats = client_statistic(statistic.name, workbench.model, domain, workbench.train_sets[domain], batches, config.train_settings(), seed)
         own = {key: state[key] for key in domain_keys(state, domain)}
-        clients.append(ClientUpdate(domain, domain, own, float(len(bench.train_sets[domain])), stats))
-    context = MergeContext(1, seed, num_attention_heads(bench.model_path))
+        clients.append(ClientUpdate(domain, domain, own, float(len(workbench.train_sets[domain])), stats))
+    context = MergeContext(1, seed, num_attention_heads(workbench.model_path))
     merged = dict(start)
     merged.update(setting.merge(start, clients, context))
     return merged
 
 
 def scored_experts(
-    bench: Workbench, start: State, base: Scores, training_seed: int, starts: Mapping[str, State] | None = None
+    workbench: Workbench, start: State, base: Scores, training_seed: int, starts: Mapping[str, State] | None = None
 ) -> dict[str, Scores]:
     """Base, both experts trained with one training seed (from `starts`, default `start`), and their one-shot
     average, scored: what the seed-spread scripts compare, one training seed at a time."""
-    config = bench.config
+    config = workbench.config
     budget = config.rounds * config.local_steps
     experts = {
-        d: fine_tune(bench, (starts or {}).get(d, start), [d], budget, expert_seed(training_seed, i), f"{d} expert")
+        d: fine_tune(workbench, (starts or {}).get(d, start), [d], budget, seeds.expert_training(training_seed, i), f"{d} expert")
         for i, d in enumerate(config.domains)
     }
-    models = {"base": base, **{f"{d}-expert": bench.score(s) for d, s in experts.items()}}
-    models["one-shot-average"] = bench.score(one_shot(bench, FEDAVG, start, experts, training_seed))
+    models = {"base": base, **{f"{d}-expert": workbench.score(s) for d, s in experts.items()}}
+    models["one-shot-average"] = workbench.score(one_shot(workbench, FEDAVG, start, experts, training_seed))
     return models
 
 

@@ -1,4 +1,4 @@
-"""The headline experiment end to end: baselines, one simulation per strategy, and the report.
+"""The headline experiment end to end: baselines, one simulation per strategy, repair, and the report.
 
 Every phase logs its progress and its wall time; every model is scored on every domain's test set.
 """
@@ -7,40 +7,32 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from fl.run import files
-from fl.studies.baselines import FEDAVG, Scores, Workbench, ensemble, expert_seed, fine_tune, fit_base, make_workbench, one_shot
-from fl.run.checkpoint import RunFolder, StrategyCheckpoint
-from fl.run.config import RunConfig
 from fl.data.splits import DomainData
-from fl.modeling.model import num_attention_heads, save_merged
-from fl.federation.permuted_init import client_seed, permuted_copy
-from fl.run.phases import PhaseClock
-from fl.studies.repair import repair, repaired_name
-from fl.studies.report import effects, effects_json, markdown, plot_curves, table_row, versus
-from fl.run.files import write_results
-from fl.federation.rounds import CentralEvaluator, StrategyOutcome
+from fl.federation.permuted_init import client_start
+from fl.federation.rounds import CentralEvaluator, StrategyJob, StrategyRunner, read_back, run_and_save
 from fl.federation.simulation import run_strategy
+from fl.modeling.evaluation import Scores
+from fl.run import files, seeds
+from fl.run.checkpoint import RunFolder
+from fl.run.config import RunConfig
+from fl.run.files import write_results
+from fl.run.phases import PhaseClock
+from fl.studies.baselines import FEDAVG, Workbench, ensemble, fine_tune, fit_base, make_workbench, one_shot
+from fl.studies.repair import repair, repaired_name
+from fl.studies.report import Row, effects, effects_json, markdown, plot_curves, table_row, versus
 from strategies.rules import RuleSetting
 
-StrategyRunner = Callable[[RunConfig, RuleSetting, dict[str, torch.Tensor], CentralEvaluator, StrategyCheckpoint], StrategyOutcome]
-
 log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
 
 
 def scores_json(scores: Scores) -> dict[str, dict[str, float]]:
     return {d: s.summary() for d, s in scores.items()}
-
-
-def start_of_client(config: RunConfig, start: dict[str, torch.Tensor], client_index: int) -> dict[str, torch.Tensor]:
-    """Where a model trained like client `client_index` starts: the shared start or its own permutation of it."""
-    if config.init == "permuted":
-        return permuted_copy(start, num_attention_heads(config.model), client_seed(config.seed, client_index))
-    return start
 
 
 def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> list[tuple[str, str]]:
@@ -53,32 +45,110 @@ def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> li
     return pairs
 
 
+def one_shot_rows(strategies: list[RuleSetting]) -> dict[str, RuleSetting]:
+    """The one-shot merges of the experts: the average always, and every selected rule that has a one-shot form."""
+    rows = {"one-shot-average": FEDAVG}
+    rows.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
+    return rows
+
+
 def run_baselines(
-    config: RunConfig, bench: Workbench, one_shots: Mapping[str, RuleSetting], out: Path, clock: PhaseClock
-) -> tuple[dict[str, Scores], dict[str, torch.Tensor]]:
+    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting], out: Path, clock: PhaseClock
+) -> tuple[dict[str, Scores], State]:
     """Base probe, experts (saved to `out`), multi-task, one-shot merges of the experts and the ensemble: their
     scores, and the strategies' common start (the base encoder with its probe heads)."""
     budget = config.rounds * config.local_steps
     domains = config.domains
     with clock.phase("base (linear probes on the frozen encoder)"):
-        start, base_scores = fit_base(bench)
+        start, base_scores = fit_base(workbench)
     models: dict[str, Scores] = {"base": base_scores}
     experts = {}
     for i, domain in enumerate(domains):
         with clock.phase(f"{domain} expert ({budget} steps)"):
-            expert_start = start_of_client(config, start, i * config.clients_per_domain)
-            experts[domain] = fine_tune(bench, expert_start, [domain], budget, expert_seed(config.seed, i), f"{domain} expert")
-            models[f"{domain}-expert"] = bench.score(experts[domain])
-            bench.model.load_state_dict(experts[domain])
-            save_merged(bench.model, bench.tokenizer, out / f"{domain}-expert", bench.label_names)
+            expert_start = client_start(config, start, i * config.clients_per_domain)
+            experts[domain] = fine_tune(workbench, expert_start, [domain], budget, seeds.expert_training(config.seed, i), f"{domain} expert")
+            models[f"{domain}-expert"] = workbench.score(experts[domain])
+            workbench.save(experts[domain], out / f"{domain}-expert")
     with clock.phase(f"multi-task ({budget} steps per domain)"):
-        multitask = fine_tune(bench, start, domains, budget, config.seed + 7, "multi-task")
-        models["multi-task"] = bench.score(multitask)
+        multitask = fine_tune(workbench, start, domains, budget, seeds.multitask_training(config.seed), "multi-task")
+        models["multi-task"] = workbench.score(multitask)
     for row, setting in one_shots.items():
         with clock.phase(f"{row} of the experts"):
-            models[row] = bench.score(one_shot(bench, setting, start, experts, config.seed))
+            models[row] = workbench.score(one_shot(workbench, setting, start, experts, config.seed))
     models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
     return models, start
+
+
+def baselines_once(
+    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting], folder: RunFolder, clock: PhaseClock
+) -> tuple[dict[str, Scores], State]:
+    """The baselines' scores and the strategies' start: read back when an earlier run of this folder got that far."""
+    saved = folder.baselines()
+    if saved is not None:
+        log.info("baselines read back from %s", folder.out)
+        return saved
+    models, start = run_baselines(config, workbench, one_shots, folder.out, clock)
+    folder.save_baselines(models, start)
+    return models, start
+
+
+def run_strategies(
+    config: RunConfig,
+    workbench: Workbench,
+    strategies: list[RuleSetting],
+    start: State,
+    base_scores: Scores,
+    folder: RunFolder,
+    runner: StrategyRunner,
+    clock: PhaseClock,
+) -> tuple[dict[str, dict[int, Scores]], dict[str, list[dict[str, object]]]]:
+    """Each strategy's per-round scores and client history; a finished strategy is read back, an interrupted one
+    continues from its last completed round, and each final model is saved in its own folder."""
+    curves, histories = {}, {}
+    for setting in strategies:
+        name = setting.name
+        evaluator = CentralEvaluator(workbench.model, workbench.test_sets, name, initial_scores=base_scores)
+        job = StrategyJob(config, setting, start, evaluator, folder.strategy(name))
+        outcome = read_back(job)
+        if outcome is None:
+            with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
+                outcome = run_and_save(job, runner, lambda state, name=name: workbench.save(state, folder.out / name))
+        curves[name] = evaluator.history
+        histories[name] = outcome.client_history
+    return curves, histories
+
+
+def write_report(
+    config: RunConfig,
+    data: Mapping[str, DomainData],
+    models: Mapping[str, Scores],
+    curves: Mapping[str, Mapping[int, Scores]],
+    row_names: list[str],
+    merged: list[str],
+    pairs: list[tuple[str, str]],
+    out: Path,
+    repair_steps: int,
+) -> tuple[list[Row], dict[str, object]]:
+    """results.md and curves.png; the table's rows and the effects for results.json."""
+    domains = config.domains
+    own_experts = {d: models[f"{d}-expert"][d] for d in domains}
+    rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
+    found = effects(models, domains, merged, config.seed)
+    compared = versus(models, domains, pairs, config.seed)
+    header = (
+        f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
+        f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
+        + (f", attack {config.attack} by {', '.join(config.attackers())}" if config.attack else "")
+        + (f", repaired by {repair_steps} distillation steps" if repair_steps else "")
+    )
+    sizes = {d: (len(v.train), len(v.test)) for d, v in data.items()}
+    files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes=sizes))
+    plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in curves}, domains)
+    effects_record = {
+        "effects": effects_json(found),
+        "against-fedavg": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
+    }
+    return rows, effects_record
 
 
 def run_experiment(
@@ -101,63 +171,27 @@ def run_experiment(
     torch.manual_seed(config.seed)
     out = folder.out
     clock = PhaseClock()
-    domains = config.domains
-
     with clock.phase("tokenise and load model"):
-        bench: Workbench = make_workbench(config, model_path, dict(data))
-    one_shots = {"one-shot-average": FEDAVG}
-    one_shots.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
-    saved = folder.baselines()
-    if saved is not None:
-        log.info("baselines read back from %s", out)
-        models, start = saved
-    else:
-        models, start = run_baselines(config, bench, one_shots, out, clock)
-        folder.save_baselines(models, start)
-
-    curves = {}
-    histories = {}
+        workbench = make_workbench(config, model_path, dict(data))
+    one_shots = one_shot_rows(strategies)
+    models, start = baselines_once(config, workbench, one_shots, folder, clock)
     names = [s.name for s in strategies]
-    for setting in strategies:
-        name = setting.name
-        checkpoint = folder.strategy(name)
-        done = checkpoint.load()
-        if done is not None and done.finished:
-            log.info("strategy %s: finished earlier, read back from %s", name, checkpoint.folder)
-            curves[name], models[name], histories[name] = done.scores, done.scores[config.rounds], done.strategy["client-history"]
-            continue
-        with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
-            evaluator = CentralEvaluator(bench.model, bench.test_sets, name, initial_scores=models["base"])
-            outcome = runner(config, setting, start, evaluator, checkpoint)
-            curves[name] = evaluator.history
-            models[name] = evaluator.history[config.rounds]
-            histories[name] = outcome.client_history
-            bench.model.load_state_dict(outcome.final_state)
-            save_merged(bench.model, bench.tokenizer, out / name, bench.label_names)
-            checkpoint.finish()
+    curves, histories = run_strategies(config, workbench, strategies, start, models["base"], folder, runner, clock)
+    models.update({name: curves[name][config.rounds] for name in names})
 
     repaired: dict[str, object] = {}
     if repair_steps:
         with clock.phase(f"repair: distil the experts into {', '.join(names)} ({repair_steps} steps each)"):
-            scores, repaired = repair(bench, out, names, repair_steps, config.seed)
+            scores, repaired = repair(workbench, out, names, repair_steps, config.seed)
             models.update(scores)
     repaired_rows = [repaired_name(n) for n in names] if repaired else []
 
     with clock.phase("report"):
-        own_experts = {d: models[f"{d}-expert"][d] for d in domains}
-        row_names = ["base", *[f"{d}-expert" for d in domains], "multi-task", *one_shots, "ensemble", *names, *repaired_rows]
-        rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
-        found = effects(models, domains, [*one_shots, *names, *repaired_rows], config.seed)
+        row_names = ["base", *[f"{d}-expert" for d in config.domains], "multi-task", *one_shots, "ensemble", *names, *repaired_rows]
         pairs = against_fedavg(names, one_shots) + [(repaired_name(n), n) for n in names if repaired]
-        compared = versus(models, domains, pairs, config.seed)
-        header = (
-            f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
-            f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
-            + (f", attack {config.attack} by {', '.join(config.attackers())}" if config.attack else "")
-            + (f", repaired by {repair_steps} distillation steps" if repair_steps else "")
+        rows, effects_record = write_report(
+            config, data, models, curves, row_names, [*one_shots, *names, *repaired_rows], pairs, out, repair_steps
         )
-        files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes={d: (len(v.train), len(v.test)) for d, v in data.items()}))
-        plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in names}, domains)
     results = {
         "config": config.to_record(),
         "strategies-run": names,
@@ -182,8 +216,7 @@ def run_experiment(
         "table": [
             {"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows
         ],
-        "effects": effects_json(found),
-        "against-fedavg": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
+        **effects_record,
         "wall-seconds": clock.seconds,
     }
     write_results(out / "results.json", results)

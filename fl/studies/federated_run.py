@@ -9,21 +9,24 @@ test scores. It writes results.json, results.md and one merged-model folder per 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fl.federation.rounds import StrategyJob, read_back, run_and_save, run_on_grid
+from fl.modeling.folder import save_merged
+from fl.modeling.model import build_model, check_model, cpu_state, load_tokenizer
 from fl.run import files
 from fl.run.checkpoint import RunFolder
 from fl.run.config import ConfigError, RunConfig
-from fl.modeling.model import build_model, check_model, cpu_state, load_tokenizer, save_merged
-from fl.run.phases import PhaseClock
 from fl.run.files import write_results
-from fl.federation.rounds import run_on_grid
+from fl.run.phases import PhaseClock
 from strategies.flower.replies import ReplyPolicy, RoundFailed, describe_client
 from strategies.rules import RuleSetting
 
@@ -102,22 +105,21 @@ def run_federated(
         model = build_model(model_path, {d: len(v) for d, v in labels.items()}, config.seed)
         tokenizer = load_tokenizer(model_path)
         start = cpu_state(model)
+
+    def save(state: Mapping[str, torch.Tensor], folder: Path) -> None:
+        model.load_state_dict(state)
+        save_merged(model, tokenizer, folder, labels)
+
     curves: dict[str, list[dict[str, object]]] = {}
     strategies_json: dict[str, object] = {}
     for setting in strategies:
         name = setting.name
-        checkpoint = folder.strategy(name)
-        done = checkpoint.load()
-        if done is not None and done.finished:
-            evaluations = {int(r): m for r, m in done.strategy["client-evaluations"].items()}  # type: ignore[union-attr]
-            history = done.strategy["client-history"]
-        else:
+        job = StrategyJob(config, setting, start, None, folder.strategy(name))
+        outcome = read_back(job)
+        if outcome is None:
             with clock.phase(f"strategy {name}: {config.num_clients} SuperNodes x {config.rounds} rounds"):
-                outcome = run_on_grid(grid, config, setting, start, None, checkpoint)
-                model.load_state_dict(outcome.final_state)
-                save_merged(model, tokenizer, out / name, labels)
-                checkpoint.finish()
-            evaluations, history = outcome.client_evaluations, outcome.client_history
+                outcome = run_and_save(job, functools.partial(run_on_grid, grid), lambda state, name=name: save(state, out / name))
+        evaluations, history = outcome.client_evaluations, outcome.client_history
         curves[name] = per_domain_rounds(name, evaluations, config)
         strategies_json[name] = {"rounds": curves[name], "clients": history, "model-dir": str(out / name)}
     files.write_text(out / "results.md", markdown_table(config, curves))

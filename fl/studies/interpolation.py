@@ -26,12 +26,11 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from fl.data.batches import Encoded  # noqa: E402
-from fl.modeling.evaluation import Score, evaluate  # noqa: E402
+from fl.modeling.evaluation import Scores, evaluate  # noqa: E402
 from fl.modeling.model import MultiHeadEncoder  # noqa: E402
 from strategies.permutation import Alignment, align_to, permutation_spec  # noqa: E402
 
 State = Mapping[str, Tensor]
-Scores = dict[str, Score]
 METRICS = ("loss", "accuracy")
 
 

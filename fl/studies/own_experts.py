@@ -22,24 +22,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fl.run import files
 from fl.data.batches import Encoded, encode
-from fl.experts.compatibility import Compatibility, compatibility, moved_units
-from fl.run.config import RunConfig
 from fl.data.splits import DomainData
-from fl.modeling.distillation import DistillSettings, distill, fit_heads_to_teacher, kl_to_teacher
-from fl.modeling.evaluation import Score, score_logits
-from fl.experts.merge import MergeInputs, merge, merged_predictor, prepare, refusal
+from fl.experts.compatibility import Compatibility, compatibility, moved_units
 from fl.experts.loading import Predictor, check_heads, fit_missing_heads, load_expert, save_predictor
-from fl.modeling.model import ModelError, MultiHeadEncoder, save_merged
-from fl.run.phases import PhaseClock
-from fl.studies.report import markdown, plot_scores, table_row, versus
-from fl.run.files import write_results
+from fl.experts.merge import MergeInputs, merge, merged_predictor, prepare, refusal
 from fl.experts.vocabulary import VocabularyError
+from fl.modeling.distillation import DistillSettings, distill, fit_heads_to_teacher, kl_to_teacher
+from fl.modeling.errors import ModelError
+from fl.modeling.evaluation import Scores, score_logits
+from fl.modeling.folder import save_merged
+from fl.modeling.model import MultiHeadEncoder
+from fl.run import files
+from fl.run.config import RunConfig
+from fl.run.files import write_results
+from fl.run.phases import PhaseClock
+from fl.studies.report import Effect, Row, markdown, plot_scores, table_row, versus
 from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
-Scores = dict[str, Score]
 STUDENTS = ("auto", "merge", "base")  # or one of the experts
 
 
@@ -150,14 +151,149 @@ def pick_student(choice: str, merges: Mapping[str, Predictor], models: Mapping[s
     return experts[choice]
 
 
-def run_distillation(
-    config: RunConfig, options: StudyOptions, experts: Sequence[Predictor], source: Predictor, num_labels: Mapping[str, int],
-    encodings: Encodings,
-) -> tuple[MultiHeadEncoder, dict[str, object]]:
+@dataclass(frozen=True)
+class Study:
+    """What every step of the study reads: the run's config, the study's options, the data and its encodings, the
+    output folder and the phase clock."""
+
+    config: RunConfig
+    options: StudyOptions
+    data: Mapping[str, DomainData]
+    encodings: Encodings
+    out: Path
+    clock: PhaseClock
+
+    @property
+    def num_labels(self) -> dict[str, int]:
+        return {d: v.num_labels for d, v in self.data.items()}
+
+    @property
+    def label_names(self) -> dict[str, list[str]]:
+        return {d: list(v.train.label_names) for d, v in self.data.items()}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The compatibility report and what it means for the requested weight merges."""
+
+    report: Compatibility
+    inputs: MergeInputs | None  # the experts' states in one vocabulary; None when none can be built
+    runnable: list[RuleSetting]
+    refused: dict[str, str]  # rule name -> why it is skipped
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the study loaded, scored and produced: everything its results.md and results.json say."""
+
+    experts: list[Predictor]
+    base: Predictor | None
+    diagnosis: Diagnosis
+    models: dict[str, Scores]  # by table row
+    produced: list[str]  # the rows with a model folder: the weight merges, then the distilled student
+    probed: dict[str, list[str]]  # predictor -> the domains it has no head for (scored with a probe there)
+    distillation: dict[str, object]  # what run_distillation reports; {} without distillation
+
+    @property
+    def order(self) -> list[str]:
+        """The table's rows: the base, the experts, the ensemble, then the produced models."""
+        return [*(["base"] if self.base else []), *(e.name for e in self.experts), "ensemble", *self.produced]
+
+
+def load_experts(study: Study) -> tuple[list[Predictor], Predictor | None]:
+    """The experts, each named as its table row and its heads checked against the data's labels, and the base."""
+    options = study.options
+    experts = [load_expert(p, serves) for p, serves in zip(options.experts, options.serves)]
+    for expert, name in zip(experts, row_names(experts)):
+        expert.name = name
+        check_heads(expert, study.label_names)
+    base = load_expert(options.base, (), "base") if options.base else None
+    return experts, base
+
+
+def units_moved(experts: Sequence[Predictor], inputs: MergeInputs, seed: int) -> dict[str, tuple[int, int]]:
+    """Per expert after the first: (units weight matching moves to line it up with the first, units)."""
+    heads = int(experts[0].config.num_attention_heads)
+    try:
+        return {e.name: moved_units(inputs.states[0], s, heads, seed) for e, s in zip(experts[1:], inputs.states[1:])}
+    except ValueError:  # an encoder family weight matching has no table for: nothing to say
+        return {}
+
+
+def diagnose(study: Study, experts: Sequence[Predictor], base: Predictor | None, rules: Sequence[RuleSetting]) -> Diagnosis:
+    """The compatibility report (with the units weight matching moves, when the experts' states can be joined) and
+    the requested merges it allows; a vocabulary that cannot be built refuses the one-shot merges."""
+    report = compatibility(experts, base)
+    inputs: MergeInputs | None = None
+    vocab_problem = ""
+    if not report.blocker:
+        try:
+            inputs = prepare(experts, base, study.options.vocab)
+        except VocabularyError as error:
+            vocab_problem = str(error)
+    if inputs is not None:
+        report = dataclasses.replace(report, moved_units=units_moved(experts, inputs, study.config.seed))
+    runnable, refused = applicable(rules, report, experts, base, vocab_problem)
+    return Diagnosis(report, inputs, runnable, refused)
+
+
+def announce_diagnosis(diagnosis: Diagnosis, announce: Callable[[str], None]) -> None:
+    announce("compatibility of the experts:")
+    for line in diagnosis.report.lines():
+        announce(line)
+    for reason in diagnosis.refused.values():
+        announce(f"skipped {reason}")
+
+
+def check_something_to_produce(options: StudyOptions, diagnosis: Diagnosis, base: Predictor | None) -> None:
+    """Raise NothingToProduce when no single model can come out as asked."""
+    if not diagnosis.runnable and not options.distill:
+        raise NothingToProduce("nothing to produce: every requested weight merge was skipped (reasons above); add --distill to train one student from the ensemble")
+    if options.student == "merge" and not diagnosis.runnable:
+        raise NothingToProduce("--student merge: no weight merge applies to these experts (reasons above); expected base, auto or an expert's name")
+    if options.student == "base" and base is None:
+        raise NothingToProduce("--student base: no --base given; expected --base, or --student auto|merge|<expert>")
+
+
+def score_sources(study: Study, experts: Sequence[Predictor], base: Predictor | None) -> tuple[dict[str, Scores], dict[str, list[str]]]:
+    """The base, the experts and their output ensemble scored on every domain, and per predictor the domains it
+    has no head for (a probe on its frozen features is fitted there first)."""
+    for predictor in [*experts, *([base] if base else [])]:
+        predictor.to(study.config.device)
+    models: dict[str, Scores] = {}
+    probed: dict[str, list[str]] = {}
+    with study.clock.phase("score the experts, the base and the ensemble (probe heads where one is missing)"):
+        for predictor in [*([base] if base else []), *experts]:
+            probed[predictor.name] = fit_missing_heads(predictor, study.encodings.split(predictor, "train"), study.num_labels)
+            models[predictor.name] = score_all(predictor, study.encodings)
+        ensemble = ensemble_logits(experts, study.encodings, "test")
+        labels = {d: e.labels for d, e in study.encodings.split(experts[0], "test").items()}
+        models["ensemble"] = {d: score_logits(ensemble[d], labels[d]) for d in study.data}
+    return models, probed
+
+
+def weight_merges(study: Study, diagnosis: Diagnosis, experts: Sequence[Predictor]) -> tuple[dict[str, Predictor], dict[str, Scores]]:
+    """Every merge the report allows, by table row, each saved in its model folder, and their scores."""
+    merges: dict[str, Predictor] = {}
+    scores: dict[str, Scores] = {}
+    for setting in diagnosis.runnable:
+        row = merge_row(setting)
+        with study.clock.phase(f"{row} of the experts"):
+            train_sets = [study.encodings.split(e, "train") for e in experts]
+            state = merge(setting, diagnosis.inputs, experts, train_sets, study.config.train_settings(), study.config.seed)
+            merged = merged_predictor(row, state, experts, diagnosis.inputs).to(study.config.device)
+            scores[row] = score_all(merged, study.encodings)
+            save_predictor(merged, study.out / row, study.label_names)
+            merges[row] = merged
+    return merges, scores
+
+
+def run_distillation(study: Study, experts: Sequence[Predictor], source: Predictor) -> tuple[MultiHeadEncoder, dict[str, object]]:
     """The student trained on the transfer texts to match the ensemble's logits, and what happened (KL before
     and after, heads fitted to the teachers, losses)."""
+    config, options, encodings = study.config, study.options, study.encodings
     teachers = ensemble_logits(experts, encodings, "transfer")
-    student, unheaded = build_student(source, num_labels)
+    student, unheaded = build_student(source, study.num_labels)
     student.to(config.device)
     inputs = encodings.split(source, "transfer")
     if unheaded:
@@ -180,9 +316,75 @@ def run_distillation(
     }
 
 
+def distil_ensemble(
+    study: Study, experts: Sequence[Predictor], base: Predictor | None, merges: Mapping[str, Predictor], models: Mapping[str, Scores]
+) -> tuple[str, Scores, dict[str, object]]:
+    """The ensemble distilled into the --student (pick_student) and saved in its model folder: its row, its scores
+    and what happened."""
+    options = study.options
+    source = pick_student(options.student, merges, models, dict(zip(options.experts, experts)), base)
+    row = f"distilled-{source.name}"
+    with study.clock.phase(f"distil the ensemble into {source.name} ({options.distill_steps} steps)"):
+        student, distillation = run_distillation(study, experts, source)
+        scores = score_all(Predictor(row, source.tokenizer, student.encoder, dict(student.heads.items())), study.encodings)
+        save_merged(student, source.tokenizer, study.out / row, study.label_names)
+    return row, scores, distillation
+
+
 def merge_row(setting: RuleSetting) -> str:
     """The row of a one-shot merge, named as in the headline's table."""
     return "one-shot-average" if setting.name == "fedavg" else f"one-shot-{setting.name}"
+
+
+def results_markdown(study: Study, findings: Findings, rows: Sequence[Row], compared: Sequence[Effect]) -> str:
+    """results.md: the table against the ensemble, the compatibility report, and notes on probes, skipped merges and
+    the distillation."""
+    options, domains, distillation = study.options, list(study.data), findings.distillation
+    names = [e.name for e in findings.experts]
+    header = f"# Bring your own experts: {', '.join(names)}" + (f" (base {options.base})" if findings.base else "") + f", vocabulary {options.vocab}, seed {study.config.seed}"
+    notes = ["Normalised: accuracy / the ensemble's on each domain (the ensemble routes each domain to the expert(s) serving it)."]
+    notes += [f"{n} has no head for {', '.join(ds)}: scored there with a linear probe on its frozen features." for n, ds in findings.probed.items() if ds]
+    notes += [f"Skipped {r}" for r in findings.diagnosis.refused.values()]
+    if distillation:
+        kl = ", ".join(f"{d} {distillation['kl-before'][d]:.4f} -> {distillation['kl-after'][d]:.4f}" for d in domains)
+        notes.append(f"Distillation into {distillation['student-from']}, {distillation['steps']} steps: KL to the ensemble on the transfer texts {kl}.")
+    text = markdown(rows, [], domains, header, compared, sizes={d: (len(v.train), len(v.test)) for d, v in study.data.items()},
+                    compared_title="against the ensemble")
+    return text + "\n## Compatibility\n\n```\n" + "\n".join(findings.diagnosis.report.lines()) + "\n```\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def write_report(study: Study, findings: Findings) -> tuple[list[Row], list[Effect]]:
+    """results.md and scores.png; returns the table's rows and the comparisons with the ensemble."""
+    models, domains = findings.models, list(study.data)
+    rows = [table_row(n, models[n], models["ensemble"], study.config.seed) for n in findings.order]
+    compared = versus(models, domains, [(n, "ensemble") for n in findings.produced], study.config.seed)
+    files.write_text(study.out / "results.md", results_markdown(study, findings, rows, compared))
+    plot_scores(study.out / "scores.png", {n: models[n] for n in findings.order}, domains)
+    return rows, compared
+
+
+def results_record(
+    study: Study, findings: Findings, rows: Sequence[Row], compared: Sequence[Effect], versions: Mapping[str, str]
+) -> dict[str, object]:
+    """results.json: the config, the study's options, the report, every model's scores, the table and the comparisons."""
+    diagnosis, models = findings.diagnosis, findings.models
+    return {
+        "config": study.config.to_record(),
+        "study": study.options.record(),
+        "versions": dict(versions),
+        "experts": [{"row": e.name, "source": e.source, "serves": list(e.serves), "heads": {d: e.head_kind(d) for d in e.heads},
+                     "probed": findings.probed.get(e.name, [])} for e in findings.experts],
+        "compatibility": diagnosis.report.record(),
+        "skipped": diagnosis.refused,
+        "merges": {merge_row(s): s.record() for s in diagnosis.runnable},
+        "distillation": findings.distillation,
+        "domains": {d: {"labels": study.label_names[d], "train-examples": len(v.train), "test-examples": len(v.test)} for d, v in study.data.items()},
+        "scores": {n: {d: s.summary() for d, s in models[n].items()} for n in findings.order},
+        "table": [{"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows],
+        "against-ensemble": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
+        "model-dirs": {n: str(study.out / n) for n in findings.produced},
+        "wall-seconds": study.clock.seconds,
+    }
 
 
 def run_study(
@@ -191,111 +393,28 @@ def run_study(
 ) -> dict[str, object]:
     """Everything after the inputs passed their checks; raises NothingToProduce (before any scoring) when no
     single model can come out. `announce` shows the report and the skipped rules."""
-    clock = PhaseClock()
+    study = Study(config, options, data, Encodings(config, data, options.distill_texts), out, PhaseClock())
     torch.manual_seed(config.seed)
-    num_labels = {d: v.num_labels for d, v in data.items()}
-    label_names = {d: list(v.train.label_names) for d, v in data.items()}
-    with clock.phase("load experts"):
-        experts = [load_expert(p, serves) for p, serves in zip(options.experts, options.serves)]
-        names = row_names(experts)
-        for expert, name in zip(experts, names):
-            expert.name = name
-            check_heads(expert, label_names)
-        base = load_expert(options.base, (), "base") if options.base else None
-    with clock.phase("compatibility report"):
-        report = compatibility(experts, base)
-        inputs: MergeInputs | None = None
-        vocab_problem = ""
-        if not report.blocker:
-            try:
-                inputs = prepare(experts, base, options.vocab)
-            except VocabularyError as error:
-                vocab_problem = str(error)
-        if inputs is not None:
-            heads = int(experts[0].config.num_attention_heads)
-            try:
-                moved = {n: moved_units(inputs.states[0], s, heads, config.seed) for n, s in zip(names[1:], inputs.states[1:])}
-            except ValueError:  # an encoder family weight matching has no table for: nothing to say
-                moved = {}
-            report = dataclasses.replace(report, moved_units=moved)
-        runnable, refused = applicable(rules, report, experts, base, vocab_problem)
-    announce("compatibility of the experts:")
-    for line in report.lines():
-        announce(line)
-    for reason in refused.values():
-        announce(f"skipped {reason}")
-    if not runnable and not options.distill:
-        raise NothingToProduce("nothing to produce: every requested weight merge was skipped (reasons above); add --distill to train one student from the ensemble")
-    if options.student == "merge" and not runnable:
-        raise NothingToProduce("--student merge: no weight merge applies to these experts (reasons above); expected base, auto or an expert's name")
-    if options.student == "base" and base is None:
-        raise NothingToProduce("--student base: no --base given; expected --base, or --student auto|merge|<expert>")
+    with study.clock.phase("load experts"):
+        experts, base = load_experts(study)
+    with study.clock.phase("compatibility report"):
+        diagnosis = diagnose(study, experts, base, rules)
+    announce_diagnosis(diagnosis, announce)
+    check_something_to_produce(options, diagnosis, base)
 
-    encodings = Encodings(config, data, options.distill_texts)
-    for predictor in [*experts, *([base] if base else [])]:
-        predictor.to(config.device)
-    models: dict[str, Scores] = {}
-    probed: dict[str, list[str]] = {}
-    with clock.phase("score the experts, the base and the ensemble (probe heads where one is missing)"):
-        for predictor in [*([base] if base else []), *experts]:
-            probed[predictor.name] = fit_missing_heads(predictor, encodings.split(predictor, "train"), num_labels)
-            models[predictor.name] = score_all(predictor, encodings)
-        ensemble = ensemble_logits(experts, encodings, "test")
-        labels = {d: e.labels for d, e in encodings.split(experts[0], "test").items()}
-        models["ensemble"] = {d: score_logits(ensemble[d], labels[d]) for d in data}
-    merges: dict[str, Predictor] = {}
-    for setting in runnable:
-        row = merge_row(setting)
-        with clock.phase(f"{row} of the experts"):
-            train_sets = [encodings.split(e, "train") for e in experts]
-            state = merge(setting, inputs, experts, train_sets, config.train_settings(), config.seed)
-            merged = merged_predictor(row, state, experts, inputs).to(config.device)
-            models[row] = score_all(merged, encodings)
-            save_predictor(merged, out / row, label_names)
-            merges[row] = merged
+    models, probed = score_sources(study, experts, base)
+    merges, merge_scores = weight_merges(study, diagnosis, experts)
+    models.update(merge_scores)
     produced = list(merges)
     distillation: dict[str, object] = {}
     if options.distill:
-        source = pick_student(options.student, merges, models, dict(zip(options.experts, experts)), base)
-        row = f"distilled-{source.name}"
-        with clock.phase(f"distil the ensemble into {source.name} ({options.distill_steps} steps)"):
-            student, distillation = run_distillation(config, options, experts, source, num_labels, encodings)
-            models[row] = score_all(Predictor(row, source.tokenizer, student.encoder, dict(student.heads.items())), encodings)
-            save_merged(student, source.tokenizer, out / row, label_names)
-            produced.append(row)
-    with clock.phase("report"):
-        domains = list(data)
-        order = [*(["base"] if base else []), *names, "ensemble", *produced]
-        rows = [table_row(n, models[n], models["ensemble"], config.seed) for n in order]
-        compared = versus(models, domains, [(n, "ensemble") for n in produced], config.seed)
-        header = f"# Bring your own experts: {', '.join(names)}" + (f" (base {options.base})" if base else "") + f", vocabulary {options.vocab}, seed {config.seed}"
-        notes = ["Normalised: accuracy / the ensemble's on each domain (the ensemble routes each domain to the expert(s) serving it)."]
-        notes += [f"{n} has no head for {', '.join(ds)}: scored there with a linear probe on its frozen features." for n, ds in probed.items() if ds]
-        notes += [f"Skipped {r}" for r in refused.values()]
-        if distillation:
-            kl = ", ".join(f"{d} {distillation['kl-before'][d]:.4f} -> {distillation['kl-after'][d]:.4f}" for d in domains)
-            notes.append(f"Distillation into {distillation['student-from']}, {distillation['steps']} steps: KL to the ensemble on the transfer texts {kl}.")
-        text = markdown(rows, [], domains, header, compared, sizes={d: (len(v.train), len(v.test)) for d, v in data.items()},
-                        compared_title="against the ensemble")
-        text += "\n## Compatibility\n\n```\n" + "\n".join(report.lines()) + "\n```\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        files.write_text(out / "results.md", text)
-        plot_scores(out / "scores.png", {n: models[n] for n in order}, domains)
-    results = {
-        "config": config.to_record(),
-        "study": options.record(),
-        "versions": dict(versions),
-        "experts": [{"row": e.name, "source": e.source, "serves": list(e.serves), "heads": {d: e.head_kind(d) for d in e.heads},
-                     "probed": probed.get(e.name, [])} for e in experts],
-        "compatibility": report.record(),
-        "skipped": refused,
-        "merges": {merge_row(s): s.record() for s in runnable},
-        "distillation": distillation,
-        "domains": {d: {"labels": label_names[d], "train-examples": len(v.train), "test-examples": len(v.test)} for d, v in data.items()},
-        "scores": {n: {d: s.summary() for d, s in models[n].items()} for n in order},
-        "table": [{"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows],
-        "against-ensemble": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
-        "model-dirs": {n: str(out / n) for n in produced},
-        "wall-seconds": clock.seconds,
-    }
+        row, scores, distillation = distil_ensemble(study, experts, base, merges, models)
+        models[row] = scores
+        produced.append(row)
+
+    findings = Findings(experts, base, diagnosis, models, produced, probed, distillation)
+    with study.clock.phase("report"):
+        rows, compared = write_report(study, findings)
+    results = results_record(study, findings, rows, compared, versions)
     write_results(out / "results.json", results)
     return results

@@ -14,11 +14,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fl.studies.baselines import Scores, Workbench
-from fl.run.config import ConfigError
 from fl.modeling.distillation import DistillSettings, distill, kl_to_teacher, student_logits
-from fl.modeling.evaluation import evaluate
-from fl.modeling.model import load_merged, save_merged
+from fl.modeling.evaluation import Scores, evaluate
+from fl.modeling.folder import load_merged, save_merged
+from fl.run.config import ConfigError
+from fl.studies.baselines import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,22 @@ def repaired_name(name: str) -> str:
     return f"{name}+distill"
 
 
-def repair(bench: Workbench, out: Path, names: Sequence[str], steps: int, seed: int) -> tuple[dict[str, Scores], dict[str, object]]:
+def repair(workbench: Workbench, out: Path, names: Sequence[str], steps: int, seed: int) -> tuple[dict[str, Scores], dict[str, object]]:
     """Each saved model in `names` distilled from the domains' experts for `steps` steps, scored and saved as
     '<name>+distill'; their scores, and the KL to the teachers before and after for results.json."""
-    domains = list(bench.test_sets)
-    transfer = bench.train_sets  # the labels are never read
+    domains = list(workbench.test_sets)
+    transfer = workbench.train_sets  # the labels are never read
     teachers = {}
     for domain in domains:
         expert, _ = load_merged(out / f"{domain}-expert")
-        teachers[domain] = student_logits(expert.to(bench.config.device), domain, transfer[domain])
-    settings = DistillSettings(steps, bench.config.batch_size, schedule=bench.config.lr_schedule,
-                               freeze_word_embeddings=bench.config.freeze_word_embeddings)
+        teachers[domain] = student_logits(expert.to(workbench.config.device), domain, transfer[domain])
+    settings = DistillSettings(steps, workbench.config.batch_size, schedule=workbench.config.lr_schedule,
+                               freeze_word_embeddings=workbench.config.freeze_word_embeddings)
     scores: dict[str, Scores] = {}
     record: dict[str, object] = {"steps": steps, "temperature": settings.temperature, "teachers": [f"{d}-expert" for d in domains]}
     for name in names:
         student, _ = load_merged(out / name)
-        student.to(bench.config.device)
+        student.to(workbench.config.device)
         before = kl_to_teacher(student, transfer, teachers, settings.temperature)
         tick = time.monotonic()
 
@@ -61,7 +61,7 @@ def repair(bench: Workbench, out: Path, names: Sequence[str], steps: int, seed: 
                 log.info("%s: distillation step %d/%d (%s) loss %.4f  %.0fs", name, step + 1, steps, domain, loss, time.monotonic() - tick)
 
         distill(student, transfer, teachers, settings, seed, progress)
-        scores[repaired_name(name)] = {d: evaluate(student, d, bench.test_sets[d]) for d in domains}
+        scores[repaired_name(name)] = {d: evaluate(student, d, workbench.test_sets[d]) for d in domains}
         record[name] = {"kl-before": before, "kl-after": kl_to_teacher(student, transfer, teachers, settings.temperature)}
-        save_merged(student, bench.tokenizer, out / repaired_name(name), bench.label_names)
+        save_merged(student, workbench.tokenizer, out / repaired_name(name), workbench.label_names)
     return scores, record

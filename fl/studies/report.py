@@ -16,13 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fl.modeling.evaluation import Score, Scores  # noqa: E402
 from fl.run import files  # noqa: E402
-from fl.modeling.evaluation import Score  # noqa: E402
 
-Scores = Mapping[str, Score]
 DRAWS = 2000
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -35,11 +36,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from strategies.aggregation import UpdateError, all_finite
 from strategies.flower.records import record_views
 from strategies.flower.replies import ReplyPolicy, check_evaluation, check_own_head, client_identity, describe_client
-from strategies.rules import RuleSetting, check_client
 from strategies.flower.sampling import sample_clients
 from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
+from strategies.rules import RuleSetting, check_client
 from strategies.update import ClientUpdate, MergeContext
-
 
 log = logging.getLogger(__name__)
 
@@ -63,37 +63,43 @@ def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> Metri
     return merged
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the strategy knows of the federation besides its rule; the defaults suit a test on a few clients."""
+
+    num_clients: int
+    client_eval: bool = False  # every client also scores the global model after each round
+    num_heads: int | None = None  # attention heads of the encoder, for rules that match units (aligned)
+    seed: int = 0  # the run's seed: sampling and seeded rules (DARE) derive from it
+    reply_timeout: float = 3600.0  # seconds a round waits for its replies
+    continue_on_loss: bool = False  # a lost node ends the run (False) or the run goes on without it
+    max_examples: int | None = None  # the most examples a client can train on in a round: a larger claim is refused
+    max_eval_examples: int | None = None  # a client's test split holds at most this many examples
+    clients_per_round: int | None = None  # None: every client trains every round
+    in_flight: int | None = None  # messages sent ahead of their replies (simulation: a few per actor); None: all
+
+
 class RuleStrategy(FedAvg):
     """Trains every client (or K drawn with the seed) each round and merges their replies with ``setting``'s rule."""
 
-    def __init__(
-        self,
-        setting: RuleSetting,
-        num_clients: int,
-        client_eval: bool,
-        policy: ReplyPolicy,
-        num_heads: int | None = None,
-        seed: int = 0,
-        max_eval_examples: int | None = None,
-        clients_per_round: int | None = None,
-        in_flight: int | None = None,
-    ) -> None:
+    def __init__(self, setting: RuleSetting, settings: RoundSettings) -> None:
+        num_clients = settings.num_clients
         super().__init__(
             fraction_train=1.0,
             min_train_nodes=num_clients,
             min_available_nodes=num_clients,
-            fraction_evaluate=1.0 if client_eval else 0.0,
-            min_evaluate_nodes=num_clients if client_eval else 0,
+            fraction_evaluate=1.0 if settings.client_eval else 0.0,
+            min_evaluate_nodes=num_clients if settings.client_eval else 0,
             evaluate_metrics_aggr_fn=per_domain_metrics,
         )
         self.setting = setting
-        self.policy = policy
-        self.num_heads = num_heads
-        self.seed = seed
-        self.max_eval_examples = max_eval_examples  # a client's test split holds at most this many examples
+        self.policy = ReplyPolicy(num_clients, settings.reply_timeout, settings.continue_on_loss, settings.max_examples)
+        self.num_heads = settings.num_heads
+        self.seed = settings.seed
+        self.max_eval_examples = settings.max_eval_examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
-        self.clients_per_round = clients_per_round  # None: every client trains every round
-        self.in_flight = in_flight  # messages sent ahead of their replies (simulation: a few per actor); None: all
+        self.clients_per_round = settings.clients_per_round
+        self.in_flight = settings.in_flight
         self.streams = setting.rule.streams and setting.rule.statistic is None  # merge each reply as it arrives
         self.stream: InOrderMean | None = None  # this round's streamed merge
         self.sampled: list[str] = []  # the clients this round sent training to, when sampling
@@ -153,7 +159,7 @@ class RuleStrategy(FedAvg):
             self.stream = InOrderMean([names[node] for node in chosen], self.admit)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self.policy.sending(self._construct_messages(record, chosen, MessageType.TRAIN))
+        return self.policy.sending([Message(record, dst_node_id=node, message_type=MessageType.TRAIN) for node in chosen])
 
     def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
         """Ask the nodes whose client is not yet known which one they serve (a query without data)."""
@@ -259,20 +265,3 @@ def check_merged(server_round: int, merged: dict[str, torch.Tensor], updates: li
             largest, name = max(senders, default=(math.nan, "no client"))
             raise UpdateError(f"round {server_round}: merged '{key}' is not finite: {name} sent values up to {largest:.3g} (largest of the round)")
 
-
-def make_strategy(
-    setting: RuleSetting,
-    num_clients: int,
-    client_eval: bool,
-    num_heads: int | None = None,
-    seed: int = 0,
-    reply_timeout: float = 3600.0,
-    continue_on_loss: bool = False,
-    max_examples: int | None = None,
-    max_eval_examples: int | None = None,
-    clients_per_round: int | None = None,
-    in_flight: int | None = None,
-) -> RuleStrategy:
-    """The strategy of one run: ``setting``'s rule, its reply policy, every client (or K per round) trained."""
-    policy = ReplyPolicy(num_clients, reply_timeout, continue_on_loss, max_examples)
-    return RuleStrategy(setting, num_clients, client_eval, policy, num_heads, seed, max_eval_examples, clients_per_round, in_flight)
