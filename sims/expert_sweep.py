@@ -74,7 +74,7 @@ EXPERT_CLAIMS = (
     "legal-expert loses bio",
     "bio-expert loses legal",
 )
-DATA_FIELDS = ("model", "bio_data", "legal_data", "text_column", "label_column", "group_column", "train_size", "test_size", "max_length", "seed", "device")  # a cached workbench holds its model on the device
+DATA_FIELDS = ("model", "domain_data", "bio_data", "legal_data", "text_column", "label_column", "group_column", "train_size", "test_size", "max_length", "seed", "device")  # a cached workbench holds its model on the device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

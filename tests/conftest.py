@@ -45,6 +45,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 BIO_WORDS = ["heart", "kidney", "liver", "brain", "skin", "bone"]
 LEGAL_WORDS = ["warranty", "copyleft", "patent", "permissive", "liability", "redistribution"]
+FINANCE_WORDS = ["equity", "bond", "dividend", "ledger", "audit", "invoice"]  # a third domain
 
 
 def write_domain_csv(path: Path, words: list[str], n: int, seed: int) -> Path:
@@ -83,3 +84,13 @@ def tiny_run_config(model_dir: Path, csvs: tuple[Path, Path], **overrides: objec
     )
     values.update(overrides)
     return RunConfig(**values)
+
+
+def probed_start(config, model_dir: Path):  # noqa: ANN001, ANN201 (a RunConfig; a Workbench, a state and scores)
+    """The workbench of `config` on `model_dir` with its probe heads fitted: (workbench, start state, base scores)."""
+    from fl.run.domains import load_domains
+    from fl.studies.baselines import fit_base, make_workbench
+
+    workbench = make_workbench(config, str(model_dir), load_domains(config))
+    start, base_scores = fit_base(workbench)
+    return workbench, start, base_scores

@@ -38,6 +38,15 @@ CASES = [
     (["--strategies", "fedprox", "--fedprox-mu", "inf"], {}, "fedprox-mu inf: expected a number >= 0"),
     (["--strategies", "ties", "--ties-density", "0"], {}, "ties-density 0: expected a number > 0 and <= 1"),
     (["--strategies", "fedavg", "--ties-density", "0.3"], {}, "--ties-density is an option of ties, which --strategies fedavg does not select"),
+    # the run's domains (--domain NAME=SOURCE, repeatable)
+    (["--domain", "bio=hpo"], {}, "--domain bio=hpo: 1 domain given; expected at least two to merge"),
+    (["--domain", "bio"], {}, "--domain bio: expected NAME=SOURCE[,text=COLUMN][,label=COLUMN][,group=COLUMN]"),
+    (["--domain", "bio=hpo", "--domain", "bio=licenses"], {}, "--domain bio: the domain is given more than once; expected each name once"),
+    (["--domain", "Bio=hpo", "--domain", "legal=licenses"], {}, "name 'Bio' is not lower-case letters, digits, '-' or '_'"),
+    (["--domain", "bio=hpo,txt=body", "--domain", "legal=licenses"], {}, "'txt=body' is not one of text=COLUMN, label=COLUMN, group=COLUMN"),
+    (["--domain", "fin={bio}", "--domain", "legal=licenses", "--bio-data", "{legal}"], {}, "with --domain, give every domain as --domain NAME=SOURCE"),
+    (["--domain", "bio=nosuch", "--domain", "legal=licenses"], {}, "data source 'nosuch' is not"),
+    (["--domain", "a=hpo;b=licenses"], {}, "';' separates domains in a run config; give one --domain per domain"),
     # the model
     (["--model", "{tmp}"], {}, "is not a model folder: expected a directory with config.json"),
     (["--model", "{t5}"], {}, "is an encoder-decoder (t5): expected an encoder such as BERT, RoBERTa"),
@@ -47,7 +56,7 @@ CASES = [
     (["--model", "{tiny}", "--max-length", "129"], {}, "--max-length 129: longer than the 128 positions"),
     # data files
     (["--bio-data", "/nonexistent/bio.csv"], {}, "data file '/nonexistent/bio.csv' does not exist"),
-    (["--bio-data", "{tmp}/bio.txt"], {"bio.txt": b"a,b\n"}, "bio.txt' is not 'hpo', 'licenses', 'hf:<dataset>[@split]' or a file ending in"),
+    (["--bio-data", "{tmp}/bio.txt"], {"bio.txt": b"a,b\n"}, "bio.txt' is not 'hpo', 'licenses', 'security', 'scripture', 'trade', 'patents', 'hf:<dataset>[@split]' or a file ending in"),
     (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b""}, "bio.csv' is empty; expected a header row"),
     (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\n"}, "bio.csv' has a header (text, label) but no rows"),
     (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\nthe caf\xe9,a\nthe tea,b\n"}, "bio.csv' is not UTF-8: byte 0xe9 on line 2"),

@@ -48,6 +48,8 @@ def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> Non
     assert "| fedavg+distill |" in (out / "results.md").read_text()
     assert AutoModel.from_pretrained(out / "fedavg+distill").config.hidden_size == 384
     assert (out / "curves.png").stat().st_size > 1000
+    assert results["transfer"]["legal-expert"]["legal"] == results["baselines"]["legal-expert"]["legal"]["accuracy"]
+    assert (out / "transfer.png").stat().st_size > 1000
     assert max_embedding_difference(out / "fedavg") <= 1e-5
     assert all((out / name / "modules.json").is_file() for name in ["bio-expert", "fedprox", "fedavg+distill"])
 

@@ -26,6 +26,7 @@ from fl.run import files
 from fl.run.checkpoint import RunFolder, check_out, run_identity
 from fl.run.config import ConfigError, RunConfig
 from strategies.rules import settings
+from tests.conftest import FINANCE_WORDS, write_domain_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,12 +120,16 @@ def test_a_crash_between_writing_and_renaming_leaves_the_previous_checkpoint_loa
 # --- whole runs in subprocesses -------------------------------------------------------------------------------
 
 
-def tiny_argv(model: Path, data: tuple[Path, Path], out: Path, rounds: int = 3) -> list[str]:
-    bio, legal = data
+def tiny_argv(model: Path, data: tuple[Path, ...], out: Path, rounds: int = 3) -> list[str]:
+    """The headline script on the tiny model: two data files as --bio-data and --legal-data, more as --domain each."""
+    if len(data) == 2:
+        domains = ["--bio-data", str(data[0]), "--legal-data", str(data[1])]
+    else:
+        domains = [a for i, path in enumerate(data) for a in ("--domain", f"d{i}={path}")]
     return [
-        sys.executable, str(ROOT / "sims" / "bio_legal.py"), "--model", str(model), "--bio-data", str(bio),
-        "--legal-data", str(legal), "--train-size", "60", "--test-size", "24", "--max-length", "16",
-        "--batch-size", "8", "--rounds", str(rounds), "--local-steps", "2", "--strategies", "fedavg", "--out", str(out),
+        sys.executable, str(ROOT / "sims" / "bio_legal.py"), "--model", str(model), *domains, "--train-size", "60",
+        "--test-size", "24", "--max-length", "16", "--batch-size", "8", "--rounds", str(rounds), "--local-steps", "2",
+        "--strategies", "fedavg", "--out", str(out),
     ]  # fmt: skip
 
 
@@ -170,6 +175,8 @@ def rounds_of(out: Path) -> list[dict[str, object]]:
 
 
 def test_a_run_killed_after_round_1_resumes_to_the_weights_and_metrics_of_an_uninterrupted_run(tiny_model_dir, toy_csvs, tmp_path) -> None:
+    """With three domains (--domain): the run, its checkpoints and its transfer table follow the domains given."""
+    toy_csvs = (*toy_csvs, write_domain_csv(tmp_path / "finance.csv", FINANCE_WORDS, 120, 2))
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     process, started = start_and_wait_for(tiny_argv(tiny_model_dir, toy_csvs, killed), round_1(killed), tmp_path / "killed.log")
     process.kill()
@@ -188,6 +195,9 @@ def test_a_run_killed_after_round_1_resumes_to_the_weights_and_metrics_of_an_uni
     a, b = final_state(killed), final_state(whole)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
     assert rounds_of(killed) == rounds_of(whole)
+    transfer = json.loads((whole / "results.json").read_text())["transfer"]
+    assert list(transfer) == ["d0-expert", "d1-expert", "d2-expert"] and all(list(row) == ["d0", "d1", "d2"] for row in transfer.values())
+    assert "| d2-expert |" in (whole / "results.md").read_text() and (whole / "transfer.png").stat().st_size > 1000
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in whole.rglob("*") if p.is_file()}
     again = run(tiny_argv(tiny_model_dir, toy_csvs, whole))
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [

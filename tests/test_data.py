@@ -1,4 +1,4 @@
-"""Tests for fl.data: the embedded sources, user files, splits, subsamples and client partitions."""
+"""Tests for fl.data: user files, splits, subsamples and client partitions (the embedded sources: test_embedded.py)."""
 import json
 from pathlib import Path
 
@@ -22,69 +22,6 @@ def _toy(labels: list[int], groups: list[str] | None = None) -> LabeledTexts:
 def _write_csv(path: Path, header: str, rows: list[str]) -> Path:
     path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
     return path
-
-
-# ------------------------------------------------------------------------------------------- embedded
-
-
-def test_hpo_source_has_23_categories_and_name_definition_texts():
-    hpo = sources.load_source("hpo")
-
-    assert len(hpo.label_names) == 23
-    assert 15_000 <= len(hpo) <= 16_500
-    assert set(np.unique(hpo.labels)) == set(range(23))
-    assert list(hpo.label_names) == sorted(hpo.label_names)
-    assert all(": " in text for text in hpo.texts)
-    assert not any(text.endswith(("]", '"')) for text in hpo.texts)
-    index = hpo.texts.index("Hemihypertrophy: Overgrowth of only one side of the body.")
-    assert hpo.label_names[hpo.labels[index]] == "Abnormality of limbs"
-
-
-def test_hpo_source_is_deterministic_and_cached():
-    fresh = sources._load_hpo.__wrapped__()
-
-    cached = sources.load_source("hpo")
-
-    assert cached is sources.load_source("hpo")
-    assert fresh.texts == cached.texts
-    np.testing.assert_array_equal(fresh.labels, cached.labels)
-
-
-def test_hpo_multi_category_rule_follows_first_parent_then_smallest_id():
-    obo = "\n\n".join(
-        [
-            "[Term]\nid: HP:0000118\nname: Phenotypic abnormality",
-            "[Term]\nid: HP:0000200\nname: Top B\nis_a: HP:0000118",
-            "[Term]\nid: HP:0000100\nname: Top A\nis_a: HP:0000118",
-            "[Term]\nid: HP:0000300\nname: Outside",
-            '[Term]\nid: HP:0000400\nname: Under B first\ndef: "D." []\nis_a: HP:0000200\nis_a: HP:0000100',
-            '[Term]\nid: HP:0000500\nname: Outside first\ndef: "D." []\nis_a: HP:0000300\nis_a: HP:0000200'
-            "\nis_a: HP:0000100",
-            '[Term]\nid: HP:0000600\nname: Child\nis_a: HP:0000400',
-            "[Term]\nid: HP:0000700\nname: Gone\nis_a: HP:0000100\nis_obsolete: true",
-        ]
-    )
-    terms = sources._parse_obo(obo)
-
-    categories = sources._hpo_categories(terms)
-
-    assert categories["HP:0000400"] == "HP:0000200"
-    assert categories["HP:0000500"] == "HP:0000100"
-    assert categories["HP:0000600"] == "HP:0000200"
-    assert "HP:0000300" not in categories and "HP:0000700" not in terms
-    assert terms["HP:0000400"]["definition"] == "D."
-
-
-def test_licenses_source_has_11_categories_grouped_by_licence_key():
-    licenses = sources.load_source("licenses")
-
-    assert len(licenses.label_names) == 11
-    assert 12_000 <= len(licenses) <= 15_000
-    assert licenses.groups is not None and len(licenses.groups) == len(licenses)
-    assert all(len(text.split()) <= sources.LICENSE_MAX_WORDS for text in licenses.texts)
-    assert not any("{{" in text for text in licenses.texts)
-    mit = [label for label, group in zip(licenses.labels, licenses.groups) if group == "mit"]
-    assert len(mit) > 100 and {licenses.label_names[label] for label in mit} == {"Permissive"}
 
 
 # ------------------------------------------------------------------------------------------- splits

@@ -37,7 +37,7 @@ BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of
 RUN_TIMEOUT = 300  # seconds for one `flwr run`; a healthy tiny run takes 1-2 minutes on 2 busy cores
 EXPERIMENT_KEYS = {
     "config", "strategies-run", "strategy-options", "seed", "versions", "domains", "baselines", "strategies", "table", "effects",
-    "against-fedavg", "wall-seconds", "attack", "repair",
+    "against-fedavg", "wall-seconds", "attack", "repair", "transfer",
 }
 FEDERATED_KEYS = {"config", "strategies-run", "strategy-options", "seed", "versions", "domains", "strategies", "wall-seconds"}
 

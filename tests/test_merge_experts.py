@@ -243,12 +243,12 @@ def test_train_expert_writes_a_folder_merge_experts_reads(tiny_model_dir: Path, 
     argv = ["--model", str(tiny_model_dir), "--bio-data", str(bio), "--legal-data", str(legal), "--train-size", "60",
             "--test-size", "24", "--max-length", "16", "--batch-size", "8", "--rounds", "1", "--local-steps", "2"]
 
-    code = train_expert.main([*argv, "--domain", "legal", "--out", str(tmp_path / "legal")])
+    code = train_expert.main([*argv, "--expert", "legal", "--out", str(tmp_path / "legal")])
     expert = load_expert(str(tmp_path / "legal"), ("legal",))
 
     assert code == 0
     assert set(expert.heads) == {"bio", "legal"} and expert.config.hidden_size == 32
-    assert train_expert.main([*argv, "--domain", "law", "--out", str(tmp_path / "law")]) == 2
+    assert train_expert.main([*argv, "--expert", "law", "--out", str(tmp_path / "law")]) == 2
 
 
 def test_an_expert_whose_head_predicts_other_labels_is_refused_before_any_scoring(folders, toy_csvs, tmp_path: Path, capsys) -> None:

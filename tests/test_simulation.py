@@ -8,17 +8,15 @@ import torch
 
 from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import SimulationFailed, run_strategy
-from fl.run.domains import load_domains
-from fl.studies.baselines import FEDAVG, fit_base, make_workbench
+from fl.studies.baselines import FEDAVG
 from strategies.rules import settings
-from tests.conftest import tiny_run_config
+from tests.conftest import probed_start, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir: Path, toy_csvs: tuple[Path, Path]):
     config = tiny_run_config(tiny_model_dir, toy_csvs, client_eval=True)
-    workbench = make_workbench(config, str(tiny_model_dir), load_domains(config))
-    start, base_scores = fit_base(workbench)
+    workbench, start, base_scores = probed_start(config, tiny_model_dir)
     return config, workbench, start, base_scores
 
 

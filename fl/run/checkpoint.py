@@ -35,7 +35,7 @@ from strategies.rules import RuleSetting
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-RESULT_FILES = ("results.json", "results.md", "curves.png")
+RESULT_FILES = ("results.json", "results.md", "curves.png", "transfer.png")
 
 
 def run_identity(config: RunConfig, strategies: Sequence[RuleSetting]) -> dict[str, object]:

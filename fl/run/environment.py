@@ -19,7 +19,9 @@ def names_hub_source(argv: Sequence[str]) -> bool:
     values.update(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)  # type: ignore[misc]
     model = values.get("--model", "default")
     hub_model = model != "default" and not Path(model).expanduser().exists() and not model.startswith((".", "/", "~"))
+    domains = [v for flag, v in zip(argv, argv[1:]) if flag == "--domain"] + [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
     hub_data = any(values.get(flag, "").startswith("hf:") for flag in ("--bio-data", "--legal-data"))
+    hub_data = hub_data or any(d.partition("=")[2].startswith("hf:") for d in domains)
     return hub_model or hub_data
 
 

@@ -24,7 +24,7 @@ from fl.run.files import write_results
 from fl.run.phases import PhaseClock
 from fl.studies.baselines import FEDAVG, Workbench, ensemble, fine_tune, fit_base, make_workbench, one_shot
 from fl.studies.repair import repair, repaired_name
-from fl.studies.report import Row, effects, effects_json, markdown, plot_curves, table_row, versus
+from fl.studies.report import Row, effects, effects_json, markdown, plot_curves, plot_transfer, table_row, transfer, transfer_markdown, versus
 from strategies.rules import RuleSetting
 
 log = logging.getLogger(__name__)
@@ -129,26 +129,30 @@ def write_report(
     out: Path,
     repair_steps: int,
 ) -> tuple[list[Row], dict[str, object]]:
-    """results.md and curves.png; the table's rows and the effects for results.json."""
+    """results.md, curves.png and transfer.png; the table's rows, and the effects and transfer for results.json."""
     domains = config.domains
     own_experts = {d: models[f"{d}-expert"][d] for d in domains}
     rows = [table_row(n, models[n], own_experts, config.seed) for n in row_names]
     found = effects(models, domains, merged, config.seed)
     compared = versus(models, domains, pairs, config.seed)
     header = (
-        f"# Bio + legal merge: {config.rounds} rounds x {config.local_steps} local steps, "
+        f"# {' + '.join(config.domains).capitalize()} merge: {config.rounds} rounds x {config.local_steps} local steps, "
         f"{config.clients_per_domain} client(s) per domain, {config.partition} partition, {config.init} start, seed {config.seed}"
         + (f", attack {config.attack} by {', '.join(config.attackers())}" if config.attack else "")
         + (f", repaired by {repair_steps} distillation steps" if repair_steps else "")
     )
     sizes = {d: (len(v.train), len(v.test)) for d, v in data.items()}
-    files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes=sizes))
+    transfers = transfer(models, domains)
+    transfer_section = "\n## Transfer: each expert on every domain (accuracy in %)\n\n" + transfer_markdown(transfers)
+    files.write_text(out / "results.md", markdown(rows, found, domains, header, compared, sizes=sizes) + transfer_section)
     plot_curves(out / "curves.png", curves, {n: models[n] for n in row_names if n not in curves}, domains)
-    effects_record = {
+    plot_transfer(out / "transfer.png", transfers)
+    report_record = {
+        "transfer": transfers,
         "effects": effects_json(found),
         "against-fedavg": [{"claim": e.claim, "difference": e.difference, "verdict": e.verdict} for e in compared],
     }
-    return rows, effects_record
+    return rows, report_record
 
 
 def run_experiment(
@@ -189,7 +193,7 @@ def run_experiment(
     with clock.phase("report"):
         row_names = ["base", *[f"{d}-expert" for d in config.domains], "multi-task", *one_shots, "ensemble", *names, *repaired_rows]
         pairs = against_fedavg(names, one_shots) + [(repaired_name(n), n) for n in names if repaired]
-        rows, effects_record = write_report(
+        rows, report_record = write_report(
             config, data, models, curves, row_names, [*one_shots, *names, *repaired_rows], pairs, out, repair_steps
         )
     results = {
@@ -216,7 +220,7 @@ def run_experiment(
         "table": [
             {"model": r.name, "per-domain": r.per_domain, "mean": r.mean, "normalised": r.normalised} for r in rows
         ],
-        **effects_record,
+        **report_record,
         "wall-seconds": clock.seconds,
     }
     write_results(out / "results.json", results)

@@ -164,6 +164,19 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def transfer(models: Mapping[str, Scores], domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each domain's expert scored on every domain (accuracy): the diagonal is what each expert learnt, the rest what
+    the others' heads still read from its features."""
+    return {f"{e}-expert": {d: models[f"{e}-expert"][d].accuracy for d in domains} for e in domains}
+
+
+def transfer_markdown(table: Mapping[str, Mapping[str, float]]) -> str:
+    domains = list(next(iter(table.values())))
+    lines = ["| expert \\ scored on | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    lines += [f"| {expert} | " + " | ".join(f"{100 * row[d]:.1f}" for d in domains) + " |" for expert, row in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def spread_markdown(header: str, runs: Mapping[str, Sequence[Effect]]) -> str:
     """One row per effect, one column per run (e.g. per training seed), and in how many runs it holds."""
     names = list(runs)
@@ -231,10 +244,7 @@ def plot_curves(
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy")
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with files.replaced(path) as temporary:
-        fig.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_scores(path: Path, models: Mapping[str, Scores], domains: Sequence[str]) -> None:
@@ -249,6 +259,27 @@ def plot_scores(path: Path, models: Mapping[str, Scores], domains: Sequence[str]
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_transfer(path: Path, table: Mapping[str, Mapping[str, float]]) -> None:
+    """The transfer table as a heat map, each cell labelled with its accuracy in %."""
+    experts, domains = list(table), list(next(iter(table.values())))
+    values = np.array([[table[e][d] for d in domains] for e in experts])
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2.5, 0.6 * len(experts) + 1.8))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(experts)), experts)
+    ax.set_xlabel("scored on")
+    ax.set_title("each expert on every domain (accuracy)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Laid out and written atomically in the format the file name says."""
     fig.tight_layout()
     with files.replaced(path) as temporary:
         fig.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
