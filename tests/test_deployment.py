@@ -31,6 +31,7 @@ from fl.modeling.folder import load_merged
 from fl.run.config import APP_OPTIONS, ConfigError, RunConfig
 from strategies.options import OptionError
 from strategies.rules import default_values
+from tests.conftest import FINANCE_WORDS, write_domain_csv
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
@@ -532,3 +533,21 @@ def test_a_deployment_whose_server_app_is_killed_after_round_1_resumes_to_comple
     assert [h["round"] for h in run["clients"]] == [1, 2, 3]
     _, labels = load_merged(tmp_path / "out" / "fedavg")
     assert set(labels) == {"bio", "legal"}
+
+
+def test_three_supernodes_serve_the_three_domains_a_run_config_names(flower: Flower, run_config, toy_csvs, tmp_path: Path) -> None:
+    finance = write_domain_csv(tmp_path / "finance.csv", FINANCE_WORDS, 120, 2)
+    bio, legal = toy_csvs
+    domains = {"domain-data": f"bio={bio}; legal={legal}; finance={finance}", "bio-data": "hpo", "legal-data": "licenses"}
+    deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL, "finance": 'domain="finance" partition-id=0 num-partitions=1'})
+
+    run_id, _ = run_app(flower, deployment.connection, run_config(**domains))
+
+    assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", flower.log("run")[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = results["strategies"]["fedavg"]
+    assert all(set(r) == {"round", "bio", "legal", "finance"} for r in run["rounds"])
+    assert [sorted(c["client"].split("(")[1].rstrip(")") for c in h["clients"]) for h in run["clients"]] == [["bio-0", "finance-0", "legal-0"]] * 2
+    assert list(results["transfer"]) == ["bio-expert", "legal-expert", "finance-expert"]
+    _, labels = load_merged(tmp_path / "out" / "fedavg")
+    assert set(labels) == {"bio", "legal", "finance"}
