@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, invoked_as, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, resume_command_of, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import RunConfig  # noqa: E402
 
 
@@ -61,11 +60,7 @@ def gpu_share(config: RunConfig) -> float:
     return 0.0 if config.device == "cpu" else 1.0 / min(config.sampled_clients, 4)
 
 
-def resume_command(argv: list[str], out: str) -> str:
-    """This run's command line with --resume (and without --overwrite): what continues it."""
-    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
-    has_out = any(a == "--out" or a.startswith("--out=") for a in kept)
-    return shlex.join([*invoked_as("sims/bio_legal.py"), *kept, *([] if has_out else ["--out", out]), "--resume"])
+resume_command = functools.partial(resume_command_of, "sims/bio_legal.py")  # this run's command line with --resume
 
 
 def main(argv: list[str] | None = None) -> int:

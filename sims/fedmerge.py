@@ -33,6 +33,7 @@ class Script:
 
 COMMANDS = {
     "run": Script("bio_legal"),
+    "many-domains": Script("many_domains"),
     "merge-experts": Script("merge_experts"),
     "train-expert": Script("train_expert"),
     "expert-check": Script("expert_check"),

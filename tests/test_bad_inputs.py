@@ -88,6 +88,7 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr("fl.modeling.model.AutoModel.from_pretrained", refuse)
     monkeypatch.setattr("fl.studies.experiment.run_experiment", refuse, raising=False)
+    monkeypatch.setattr("fl.studies.many_domains.run_many_domains", refuse, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,29 @@ def test_bad_input_fails_with_one_line_and_exit_2(
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
     assert needle in err
+    assert not out.exists()
+
+
+MANY_DOMAINS_CASES = [  # sims/many_domains.py's own options, and the two-domain shorthand it has no use for
+    (["--sizes", "1,6"], "--sizes '1,6': expected integers >= 2 separated by commas"),
+    (["--sizes", "two"], "--sizes 'two': expected integers >= 2"),
+    (["--federated", "-1"], "--federated -1: expected an integer >= 0"),
+    (["--bio-data", "hpo"], "--bio-data / --legal-data: this study names its domains with --domain NAME=SOURCE"),
+    (["--rules", "ties,bogus"], "bogus"),
+    (["--domain", "bio=hpo"], "--domain bio=hpo: 1 domain given; expected at least two to merge"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), MANY_DOMAINS_CASES, ids=[" ".join(argv) for argv, _ in MANY_DOMAINS_CASES])
+def test_many_domains_refuses_bad_input_in_one_line(argv: list[str], needle: str, tmp_path: Path, capsys, no_model_loading) -> None:
+    from sims import many_domains
+
+    out = tmp_path / "out"
+
+    code = many_domains.main([*argv, "--out", str(out)])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
     assert not out.exists()
 
 

@@ -21,19 +21,19 @@ from fl.modeling.model import MultiHeadEncoder, default_model_path
 from fl.modeling.train_settings import TrainSettings
 from sims import merge_experts
 from strategies.rules import settings
-from tests.conftest import tiny_bert_config
+from tests.conftest import FINANCE_WORDS, tiny_bert_config, write_domain_csv
 
 LABELS = {"bio": ["class-0", "class-1", "class-2"], "legal": ["class-0", "class-1", "class-2"]}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 
 
-def save_expert(folder: Path, encoder: BertModel, tokenizer_from: Path | None = None) -> Path:
+def save_expert(folder: Path, encoder: BertModel, tokenizer_from: Path | None = None, labels: dict[str, list[str]] = LABELS) -> Path:
     """A fedmerge expert folder (encoder, MiniLM tokenizer or the given one, a seeded head per domain)."""
     torch.manual_seed(7)
-    model = MultiHeadEncoder(encoder, {d: len(v) for d, v in LABELS.items()})
+    model = MultiHeadEncoder(encoder, {d: len(v) for d, v in labels.items()})
     source = tokenizer_from or default_model_path()
     tokenizer = BertTokenizerFast.from_pretrained(source)
-    save_merged(model, tokenizer, folder, LABELS)
+    save_merged(model, tokenizer, folder, labels)
     return folder
 
 
@@ -215,6 +215,27 @@ def test_cli_merges_fine_tunes_against_a_base(folders, toy_csvs, tmp_path: Path)
         "base", "bio-expert", "legal-expert", "ensemble", "one-shot-average", "one-shot-ties", "one-shot-aligned",
         "distilled-legal-expert"]
     assert results["compatibility"]["moved-units"]["legal-expert"]["moved"] <= 0.02 * results["compatibility"]["moved-units"]["legal-expert"]["units"]
+
+
+def test_cli_merges_three_experts_of_three_domains(folders, toy_csvs, tmp_path: Path) -> None:
+    bio, legal = toy_csvs
+    finance = write_domain_csv(tmp_path / "finance.csv", FINANCE_WORDS, 120, 2)
+    labels = {**LABELS, "finance": LABELS["bio"]}
+    base = BertModel.from_pretrained(folders["base"])
+    experts = [save_expert(tmp_path / d, fine_tune_of(base, 10 + i), labels=labels) for i, d in enumerate(labels)]
+    argv = ["--domain", f"bio={bio}", "--domain", f"legal={legal}", "--domain", f"finance={finance}", "--train-size", "60",
+            "--test-size", "24", "--max-length", "16", "--batch-size", "8", "--rounds", "1", "--local-steps", "2",
+            "--out", str(tmp_path / "out"), "--experts", *map(str, experts), "--base", str(folders["base"]), "--rules", "fedavg,ties,regmean"]
+
+    code = merge_experts.main(argv)
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0 and results["skipped"] == {}
+    assert [row["model"] for row in results["table"]] == [
+        "base", "bio-expert", "legal-expert", "finance-expert", "ensemble", "one-shot-average", "one-shot-ties", "one-shot-regmean"]
+    assert all(set(row["per-domain"]) == {"bio", "legal", "finance"} for row in results["table"])
+    model, saved_labels = load_merged(tmp_path / "out" / "one-shot-ties")
+    assert set(model.heads) == set(saved_labels) == {"bio", "legal", "finance"}
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

@@ -12,7 +12,7 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
@@ -29,13 +29,14 @@ RUN_CONFIG_FIELDS = frozenset(f.name for f in fields(RunConfig))
 COMMAND = "fedmerge"  # the console command (pyproject.toml [project.scripts]); its subcommands run the sims/ scripts
 
 
-def run_options(description: str) -> argparse.ArgumentParser:
+def run_options(description: str, script_defaults: Mapping[str, object] | None = None) -> argparse.ArgumentParser:
     """A parser with every data, model and training option of RunConfig.
 
-    Their defaults are RunConfig's, shown in the help, but argparse is given none (SUPPRESS): the parsed
-    namespace then holds exactly the options the user gave, abbreviations included, which --quick needs.
+    Their defaults are RunConfig's, or the script's own (``script_defaults``, which it passes on to ``build_config``),
+    shown in the help, but argparse is given none (SUPPRESS): the parsed namespace then holds exactly the options the
+    user gave, abbreviations included, which --quick needs.
     """
-    defaults = RunConfig()
+    defaults = replace(RunConfig(), **(script_defaults or {}))
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def option(flag: str, help: str = "", **kwargs: object) -> None:
@@ -98,16 +99,16 @@ def add_rule_options(p: argparse.ArgumentParser, flag: str = "--strategies", def
             group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=option.kind.__name__.upper(), help=shown)
 
 
-def build_config(args: argparse.Namespace) -> RunConfig:
-    """The options given as a validated RunConfig; with --quick, the quick values for options not given."""
+def build_config(args: argparse.Namespace, defaults: Mapping[str, object] | None = None) -> RunConfig:
+    """The options given as a validated RunConfig; for options not given, the quick values with --quick, else the
+    script's own `defaults`, else RunConfig's."""
     values = {k: v for k, v in vars(args).items() if k in RUN_CONFIG_FIELDS}
     if "domain" in vars(args):
         joined = [entry for entry in args.domain if ";" in entry]
         if joined:
             raise ConfigError(f"--domain {joined[0]}: ';' separates domains in a run config; give one --domain per domain")
         values["domain_data"] = "; ".join(args.domain)
-    if args.quick:
-        values = {**QUICK, **values}
+    values = {**(defaults or {}), **(QUICK if args.quick else {}), **values}
     config = replace(RunConfig(), **values).validate()
     parse_partition_scheme(config.partition)
     return config
@@ -193,3 +194,10 @@ def invoked_as(script: str) -> list[str]:
     """The command the user typed to start an entry point, for a command line printed back to them: ``fedmerge
     COMMAND`` when the fedmerge command runs it (sims/fedmerge.py puts that in sys.argv[0]), else ``python SCRIPT``."""
     return shlex.split(sys.argv[0]) if sys.argv[0].startswith(f"{COMMAND} ") else ["python", script]
+
+
+def resume_command_of(script: str, argv: list[str], out: str) -> str:
+    """A run's command line with --resume (and without --overwrite): what continues it."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    has_out = any(a == "--out" or a.startswith("--out=") for a in kept)
+    return shlex.join([*invoked_as(script), *kept, *([] if has_out else ["--out", out]), "--resume"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fl.data.batches import Encoded, encode
 from fl.data.splits import DomainData
+from fl.federation.permuted_init import client_start
 from fl.modeling.client_statistics import client_statistic
 from fl.modeling.evaluation import Scores, evaluate, pooled_features
 from fl.modeling.folder import save_merged
@@ -30,6 +31,7 @@ from fl.modeling.probe import fit_probe
 from fl.modeling.training import train
 from fl.run import seeds
 from fl.run.config import RunConfig
+from fl.run.phases import PhaseClock
 from strategies.rules import RuleSetting, settings
 from strategies.update import ClientUpdate, MergeContext
 
@@ -55,9 +57,10 @@ class Workbench:
     def label_names(self) -> dict[str, tuple[str, ...]]:
         return {d: self.data[d].train.label_names for d in self.data}
 
-    def score(self, state: Mapping[str, torch.Tensor]) -> Scores:
+    def score(self, state: Mapping[str, torch.Tensor], domains: Sequence[str] | None = None) -> Scores:
+        """`state` scored on every domain's test set, or on `domains` only."""
         self.model.load_state_dict(state)
-        return {d: evaluate(self.model, d, self.test_sets[d]) for d in self.test_sets}
+        return {d: evaluate(self.model, d, self.test_sets[d]) for d in (self.test_sets if domains is None else domains)}
 
     def save(self, state: Mapping[str, torch.Tensor], folder: Path) -> None:
         """`state` as a model folder that ``AutoModel.from_pretrained`` (and ``load_merged``) reads."""
@@ -100,25 +103,56 @@ def fine_tune(workbench: Workbench, start: State, domains: list[str], steps: int
 FEDAVG = settings(["fedavg"], {})[0]
 
 
-def one_shot(workbench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
-    """The experts merged once by ``setting``'s rule from ``start``: one client per domain sending its encoder and
-    own head, weighted by its domain's training examples, with the statistics the rule asks for computed on
-    that domain's training set."""
+def expert_updates(workbench: Workbench, setting: RuleSetting, experts: Mapping[str, State], seed: int) -> list[ClientUpdate]:
+    """Each expert as the one client of its domain: its encoder and own head, weighted by its domain's training
+    examples, with the statistic ``setting``'s rule asks for computed on that domain's training set."""
     config = workbench.config
     batches = int(setting.client_config().get("statistic-batches", 0))
     statistic = setting.rule.statistic
-    clients = []
+    updates = []
     for domain, state in experts.items():
         stats = {}
         if statistic is not None:
             workbench.model.load_state_dict(state)
             stats = client_statistic(statistic.name, workbench.model, domain, workbench.train_sets[domain], batches, config.train_settings(), seed)
         own = {key: state[key] for key in domain_keys(state, domain)}
-        clients.append(ClientUpdate(domain, domain, own, float(len(workbench.train_sets[domain])), stats))
+        updates.append(ClientUpdate(domain, domain, own, float(len(workbench.train_sets[domain])), stats))
+    return updates
+
+
+def merge_updates(workbench: Workbench, setting: RuleSetting, start: State, updates: Sequence[ClientUpdate], seed: int) -> State:
+    """``updates`` merged once by ``setting``'s rule from ``start``, as one round; keys no update holds (the heads of
+    domains not merged) stay as in ``start``."""
     context = MergeContext(1, seed, num_attention_heads(workbench.model_path))
     merged = dict(start)
-    merged.update(setting.merge(start, clients, context))
+    merged.update(setting.merge(start, list(updates), context))
     return merged
+
+
+def one_shot(workbench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
+    """The experts merged once by ``setting``'s rule from ``start``: one client per domain (``expert_updates``)."""
+    return merge_updates(workbench, setting, start, expert_updates(workbench, setting, experts, seed), seed)
+
+
+def train_experts(workbench: Workbench, start: State, clock: PhaseClock) -> dict[str, State]:
+    """One expert per domain, each fine-tuned on its domain alone for the federated runs' budget (rounds x local
+    steps) from its first client's start."""
+    config = workbench.config
+    budget = config.rounds * config.local_steps
+    experts = {}
+    for i, domain in enumerate(config.domains):
+        with clock.phase(f"{domain} expert ({budget} steps)"):
+            expert_start = client_start(config, start, i * config.clients_per_domain)
+            experts[domain] = fine_tune(workbench, expert_start, [domain], budget, seeds.expert_training(config.seed, i), f"{domain} expert")
+    return experts
+
+
+def train_multitask(workbench: Workbench, start: State, clock: PhaseClock) -> State:
+    """One model trained centrally on every domain, the experts' budget per domain (one batch of each per step)."""
+    config = workbench.config
+    budget = config.rounds * config.local_steps
+    with clock.phase(f"multi-task ({budget} steps per domain)"):
+        return fine_tune(workbench, start, config.domains, budget, seeds.multitask_training(config.seed), "multi-task")
 
 
 def scored_experts(

@@ -13,16 +13,15 @@ from pathlib import Path
 import torch
 
 from fl.data.splits import DomainData
-from fl.federation.permuted_init import client_start
 from fl.federation.rounds import CentralEvaluator, StrategyJob, StrategyRunner, read_back, run_and_save
 from fl.federation.simulation import run_strategy
 from fl.modeling.evaluation import Scores
-from fl.run import files, seeds
+from fl.run import files
 from fl.run.checkpoint import RunFolder
 from fl.run.config import RunConfig
 from fl.run.files import write_results
 from fl.run.phases import PhaseClock
-from fl.studies.baselines import FEDAVG, Workbench, ensemble, fine_tune, fit_base, make_workbench, one_shot
+from fl.studies.baselines import FEDAVG, Workbench, ensemble, fit_base, make_workbench, one_shot, train_experts, train_multitask
 from fl.studies.repair import repair, repaired_name
 from fl.studies.report import Row, effects, effects_json, markdown, plot_curves, plot_transfer, table_row, transfer, transfer_markdown, versus
 from strategies.rules import RuleSetting
@@ -57,21 +56,15 @@ def run_baselines(
 ) -> tuple[dict[str, Scores], State]:
     """Base probe, experts (saved to `out`), multi-task, one-shot merges of the experts and the ensemble: their
     scores, and the strategies' common start (the base encoder with its probe heads)."""
-    budget = config.rounds * config.local_steps
     domains = config.domains
     with clock.phase("base (linear probes on the frozen encoder)"):
         start, base_scores = fit_base(workbench)
     models: dict[str, Scores] = {"base": base_scores}
-    experts = {}
-    for i, domain in enumerate(domains):
-        with clock.phase(f"{domain} expert ({budget} steps)"):
-            expert_start = client_start(config, start, i * config.clients_per_domain)
-            experts[domain] = fine_tune(workbench, expert_start, [domain], budget, seeds.expert_training(config.seed, i), f"{domain} expert")
-            models[f"{domain}-expert"] = workbench.score(experts[domain])
-            workbench.save(experts[domain], out / f"{domain}-expert")
-    with clock.phase(f"multi-task ({budget} steps per domain)"):
-        multitask = fine_tune(workbench, start, domains, budget, seeds.multitask_training(config.seed), "multi-task")
-        models["multi-task"] = workbench.score(multitask)
+    experts = train_experts(workbench, start, clock)
+    for domain, expert in experts.items():
+        models[f"{domain}-expert"] = workbench.score(expert)
+        workbench.save(expert, out / f"{domain}-expert")
+    models["multi-task"] = workbench.score(train_multitask(workbench, start, clock))
     for row, setting in one_shots.items():
         with clock.phase(f"{row} of the experts"):
             models[row] = workbench.score(one_shot(workbench, setting, start, experts, config.seed))

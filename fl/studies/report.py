@@ -67,6 +67,14 @@ def paired_difference(a: Score, b: Score, seed: int) -> tuple[float, float, floa
     return (float(diff.mean()), *_ci(draws))
 
 
+def paired_mean_difference(a: Scores, b: Scores, domains: Sequence[str], seed: int) -> tuple[float, float, float]:
+    """mean over `domains` of accuracy(a) - accuracy(b), each domain's examples resampled paired (the same draws for
+    both models, independent between domains)."""
+    diffs = [a[d].correct.astype(float) - b[d].correct.astype(float) for d in domains]
+    draws = np.mean([diff[_resample(len(diff), seed + i)].mean(axis=1) for i, diff in enumerate(diffs)], axis=0)
+    return (float(np.mean([diff.mean() for diff in diffs])), *_ci(draws))
+
+
 @dataclass(frozen=True)
 class Effect:
     claim: str
