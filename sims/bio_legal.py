@@ -27,7 +27,7 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, resume_command_of, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, log_failures_in, resume_command_of, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import RunConfig  # noqa: E402
 
 
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(Path(args.out), identity)
     with exit_cleanly_on_signals(folder.progress, resume_command(sys.argv[1:] if argv is None else argv, args.out)):
         folder.open(overwrite=args.overwrite)
+        log_failures_in(args.out)
         run_experiment(config, model_path, data, strategies, folder, package_versions(), functools.partial(run_strategy, resources=resources), repair_steps)
     print(f"results written to {args.out}/ (results.md, results.json, curves.png, one model folder per strategy)")
     return 0

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl.run.cli import COMMAND, timed
+from fl.run.cli import COMMAND, reported, timed
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # in usage lines and in the command it prints to resume a run (fl.run.cli.invoked_as).
     sys.argv = [f"{COMMAND} {name}", *rest]
     main_of = importlib.import_module(f"sims.{script.module}").main
-    return timed(main_of, rest) if script.timed else main_of(rest)
+    return timed(main_of, rest) if script.timed else reported(main_of, rest)
 
 
 if __name__ == "__main__":

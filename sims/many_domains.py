@@ -26,7 +26,7 @@ from fl.run.environment import configure
 
 configure(sys.argv[1:])
 
-from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, resume_command_of, rule_settings, run_options, run_script  # noqa: E402
+from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, log_failures_in, resume_command_of, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import ConfigError  # noqa: E402
 
 SIX_DOMAINS = "bio=hpo; legal=licenses; security=security; scripture=scripture; trade=trade; patents=patents"
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = resume_command_of("sims/many_domains.py", sys.argv[1:] if argv is None else argv, args.out)
     with exit_cleanly_on_signals(folder.progress, resume):
         folder.open(overwrite=args.overwrite)
+        log_failures_in(args.out)
         run_many_domains(config, str(model_path), data, settings, args.federated, folder, package_versions(), functools.partial(run_strategy, resources=resources), sizes)
     print(f"results written to {args.out}/ (results.md, results.json, subsets.png, curves.png, transfer.png, one model folder per expert and federated rule)")
     return 0

@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.experts) < 2:
             raise ConfigError(f"--experts {' '.join(args.experts)}: one expert; expected two or more")
         serves = parse_serves(args.domains, args.experts, config.domains)
-        for expert in args.experts:
-            check_expert(expert)
+        resolved = [str(Path(r).resolve()) if Path(r).exists() else r for r in map(check_expert, args.experts)]
+        repeated = next((e for i, (e, r) in enumerate(zip(args.experts, resolved)) if r in resolved[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"--experts: {repeated} is given more than once; expected each expert once")
         if args.base:
             check_model(args.base, config.max_length)
         rules = rule_settings(args)

@@ -55,8 +55,9 @@ def all_finite(t: torch.Tensor) -> bool:
 def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, Value], client: str) -> None:
     """Reject, with UpdateError, an update that cannot be merged into ``reference`` (the global state).
 
-    Rejected: an empty update, a key not in the reference, a shape mismatch, a float/non-float dtype mismatch,
-    a NaN or Inf in a float tensor. One pass over the update, no copies.
+    Rejected: an empty update, a key not in the reference, a shape mismatch, a dtype other than the reference's
+    (a float16 reply would otherwise lower the merged model's precision), a NaN or Inf in a float tensor. One pass
+    over the update, no copies.
     """
     if not update:
         raise UpdateError(f"{client}: empty update (no tensors)")
@@ -66,8 +67,8 @@ def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, Val
         ref = reference[key]
         if t.shape != ref.shape:
             raise UpdateError(f"{client}: key '{key}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        if t.is_floating_point() != ref.is_floating_point():
-            raise UpdateError(f"{client}: key '{key}' has dtype {t.dtype}, expected the kind of {ref.dtype}")
+        if t.dtype != ref.dtype:
+            raise UpdateError(f"{client}: key '{key}' has dtype {t.dtype}, expected {ref.dtype} (the global model's)")
         if t.is_floating_point() and not all_finite(t):
             raise UpdateError(f"{client}: key '{key}' has non-finite values (NaN or Inf)")
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,8 @@ CASES = [
     (["--domain", "fin={bio}", "--domain", "legal=licenses", "--bio-data", "{legal}"], {}, "with --domain, give every domain as --domain NAME=SOURCE"),
     (["--domain", "bio=nosuch", "--domain", "legal=licenses"], {}, "data source 'nosuch' is not"),
     (["--domain", "a=hpo;b=licenses"], {}, "';' separates domains in a run config; give one --domain per domain"),
+    (["--attack", "scale:1e40:1"], {}, "--attack scale:1e40:1: F 1e+40 would overflow a round's float32 sum; expected at most 1e+20"),
+    (["--attack", "noise:1e25:1"], {}, "SIGMA 1e+25 would overflow"),
     # the model
     (["--model", "{tmp}"], {}, "is not a model folder: expected a directory with config.json"),
     (["--model", "{t5}"], {}, "is an encoder-decoder (t5): expected an encoder such as BERT, RoBERTa"),
@@ -56,6 +59,7 @@ CASES = [
     (["--model", "{tiny}", "--max-length", "129"], {}, "--max-length 129: longer than the 128 positions"),
     # data files
     (["--bio-data", "/nonexistent/bio.csv"], {}, "data file '/nonexistent/bio.csv' does not exist"),
+    (["--bio-data", "{tmp}/dir.csv"], {"dir.csv/a.csv": b""}, "dir.csv' is a directory; expected a file"),
     (["--bio-data", "{tmp}/bio.txt"], {"bio.txt": b"a,b\n"}, "bio.txt' is not 'hpo', 'licenses', 'security', 'scripture', 'trade', 'patents', 'hf:<dataset>[@split]' or a file ending in"),
     (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b""}, "bio.csv' is empty; expected a header row"),
     (["--bio-data", "{tmp}/bio.csv"], {"bio.csv": b"text,label\n"}, "bio.csv' has a header (text, label) but no rows"),
@@ -117,6 +121,7 @@ def test_bad_input_fails_with_one_line_and_exit_2(
     folder = tmp_path / "inputs"
     folder.mkdir()
     for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
     paths = {"tmp": folder, "bio": toy_csvs[0], "legal": toy_csvs[1], "tiny": tiny_model_dir, **config_only_models}
     out = tmp_path / "out"
@@ -185,6 +190,54 @@ def test_an_out_that_would_lose_results_fails_with_one_line_and_changes_nothing(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
     assert snapshot == ({p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes())
+
+
+def test_merge_experts_refuses_the_same_expert_twice(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from sims import merge_experts
+
+    code = merge_experts.main(["--experts", str(tiny_model_dir), f"{tiny_model_dir}/", "--out", str(tmp_path / "out")])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--experts: {tiny_model_dir}/ is given more than once; expected each expert once" in err
+
+
+DAMAGED = [  # (file under checkpoints/, what is done to it)
+    ("run.json", "truncate"),
+    ("run.json", "empty-object"),
+    ("start.safetensors", "truncate"),
+    ("baselines.json", "truncate"),
+    ("fedavg/state.json", "truncate"),
+    ("fedavg/state.json", "empty-object"),
+    ("fedavg/round-1.safetensors", "truncate"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage"), DAMAGED, ids=[f"{n} {d}" for n, d in DAMAGED])
+def test_a_damaged_checkpoint_under_resume_fails_in_one_line_naming_the_file_and_changes_nothing(
+    name: str, damage: str, tmp_path: Path, capsys, no_model_loading
+) -> None:
+    from fl.modeling.evaluation import Score
+    from fl.run.checkpoint import RunFolder, run_identity
+    from fl.run.cli import build_config, rule_settings
+
+    out = tmp_path / "out"
+    args = bio_legal.parse_args(["--quick", "--strategies", "fedavg"])
+    folder = RunFolder(out, run_identity(build_config(args), rule_settings(args)))
+    folder.open()
+    score = {"bio": Score(0.5, 0.5, 1.0, np.array([True, False]))}
+    folder.save_baselines({"base": score}, {"w": torch.ones(3)})
+    folder.strategy("fedavg").save(1, {"w": torch.ones(3)}, {"history": []}, {0: score})
+    path = out / "checkpoints" / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2] if damage == "truncate" else b"{}")
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    code = bio_legal.main(["--quick", "--strategies", "fedavg", "--out", str(out), "--resume"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: --resume: {path} is damaged (")
+    assert "--overwrite" in err
+    assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize(

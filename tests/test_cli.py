@@ -70,3 +70,22 @@ def test_the_resume_line_repeats_the_command_the_user_typed(monkeypatch: pytest.
     monkeypatch.setattr("sys.argv", [argv0, "--quick", "--overwrite"])
 
     assert bio_legal.resume_command(["--quick", "--overwrite"], "runs/x") == expected
+
+
+def test_a_run_that_fails_after_it_started_prints_one_line_exits_3_and_logs_the_traceback(tmp_path: Path, capsys) -> None:
+    from fl.federation.simulation import SimulationFailed
+    from fl.run.cli import RUN_FAILED, failure_log, log_failures_in, timed
+
+    def main(argv: list[str] | None) -> int:
+        log_failures_in(tmp_path)
+        raise SimulationFailed("strategy 'fedavg' failed: round 1 train: 1 of 2 clients failed: node 7 (bio-0): disk full")
+
+    try:
+        code = timed(main, [])
+    finally:
+        failure_log.folder = None
+
+    err = capsys.readouterr().err.strip()
+    assert code == RUN_FAILED == 3
+    assert err == f"error: strategy 'fedavg' failed: round 1 train: 1 of 2 clients failed: node 7 (bio-0): disk full (traceback in {tmp_path / 'error.log'})"
+    assert "Traceback (most recent call last)" in (tmp_path / "error.log").read_text()

@@ -50,7 +50,11 @@ class FakeReply:
         return self.content is not None
 
 
-def reply(state: dict[str, torch.Tensor], examples: int, domain: str, node: int, **statistics: dict[str, torch.Tensor]) -> FakeReply:
+def reply(
+    state: dict[str, torch.Tensor], examples: int, domain: str, node: int, own_head: bool = True, **statistics: dict[str, torch.Tensor]
+) -> FakeReply:
+    if own_head and "encoder.w" in state:  # a toy reply: the client's own head, where the test leaves it out
+        state = {f"heads.{domain}.weight": torch.zeros(1), **state}
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in state.items()}),
@@ -320,6 +324,52 @@ def test_a_client_sending_another_domains_head_is_refused_naming_the_node() -> N
         strategy.aggregate_train(1, [honest, hostile])
 
 
+def test_a_reply_without_a_key_it_trains_is_refused_naming_the_key_and_the_node() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    honest = reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.ones(1)}, 5, "legal", 2)
+    headless = reply({"encoder.w": torch.ones(2)}, 5, "bio", 1, own_head=False)
+
+    with pytest.raises(UpdateError, match=r"node 1 \(bio-0\): the reply lacks key 'heads.bio.weight': expected the encoder and the 'bio' head"):
+        strategy.aggregate_train(1, [honest, headless])
+
+
+def test_a_float16_key_is_refused_so_the_global_model_keeps_its_dtype() -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    honest = reply({"encoder.w": torch.ones(2), "heads.legal.weight": torch.ones(1)}, 5, "legal", 2)
+    half = reply({"encoder.w": torch.ones(2).half(), "heads.bio.weight": torch.ones(1)}, 5, "bio", 1)
+
+    with pytest.raises(UpdateError, match=r"node 1 \(bio-0\): key 'encoder.w' has dtype torch.float16, expected torch.float32"):
+        strategy.aggregate_train(1, [honest, half])
+
+
+@pytest.mark.parametrize(
+    ("metrics", "needle"),
+    [
+        ({"train-loss": 1.0, "num-examples": "32"}, "metric 'num-examples' is '32' \\(str\\): expected an integer"),
+        ({"train-loss": 1.0, "num-examples": 32.0}, "metric 'num-examples' is 32.0 \\(float\\): expected an integer"),
+        ({"train-loss": True, "num-examples": 32}, "metric 'train-loss' is True \\(bool\\): expected a real number"),
+        ({"train-loss": "low", "num-examples": 32}, "metric 'train-loss' is 'low' \\(str\\): expected a real number"),
+    ],
+)
+def test_a_train_metric_of_the_wrong_type_is_refused_naming_the_node(metrics: dict[str, object], needle: str) -> None:
+    strategy = strategy_with_global("fedavg", toy_global(), 1)
+    bad = reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 3)
+    bad.content["metrics"] = ConfigRecord(metrics)  # a patched client: a MetricRecord refuses strings, a ConfigRecord does not
+
+    with pytest.raises(UpdateError, match=rf"node 3 \(bio-0\): {needle}"):
+        strategy.aggregate_train(1, [bad])
+
+
+def test_an_evaluation_metric_of_the_wrong_type_is_refused_naming_the_node() -> None:
+    strategy = RuleStrategy(rule("fedavg"), RoundSettings(1, client_eval=True, max_eval_examples=100))
+    strategy.policy.sent = [FakeReply(None, 0)]
+    metrics = ConfigRecord({"eval-accuracy": "0.9", "eval-loss": 0.3, "num-examples": 10})
+    bad = FakeReply(RecordDict({"metrics": metrics, "client": ConfigRecord({"domain": "bio", "partition-id": 0})}), 4)
+
+    with pytest.raises(UpdateError, match=r"node 4 \(bio-0\): metric 'eval-accuracy' is '0.9' \(str\): expected a real number"):
+        strategy.aggregate_evaluate(1, [bad])
+
+
 def test_a_node_that_changes_its_claimed_domain_is_refused() -> None:
     strategy = strategy_with_global("fedavg", toy_global(), 1)
     strategy.aggregate_train(1, [reply({"encoder.w": torch.ones(2), "heads.bio.weight": torch.ones(1)}, 5, "bio", 1)])
@@ -352,7 +402,7 @@ def test_a_merge_that_is_not_finite_is_refused_naming_the_largest_sender() -> No
     [
         ({"eval-accuracy": 7.5, "eval-loss": 0.3, "num-examples": 10}, "eval-accuracy 7.5: expected a finite number in \\[0, 1\\]"),
         ({"eval-accuracy": 0.5, "eval-loss": float("nan"), "num-examples": 10}, "eval-loss nan"),
-        ({"eval-accuracy": 0.5, "eval-loss": 0.3, "num-examples": 1e9}, "num-examples 1e\\+09: expected a finite number in \\[1, 100\\]"),
+        ({"eval-accuracy": 0.5, "eval-loss": 0.3, "num-examples": 10**9}, "num-examples 1e\\+09: expected a finite number in \\[1, 100\\]"),
         ({"eval-loss": 0.3, "num-examples": 10}, "has no 'eval-accuracy'"),
     ],
 )

@@ -67,6 +67,8 @@ def load_source(source: str, text_column: str = "text", label_column: str = "lab
             f"data source {source!r} is not {', '.join(map(repr, EMBEDDED))}, 'hf:<dataset>[@split]' "
             f"or a file ending in {', '.join(FILE_FORMATS)}"
         )
+    if path.is_dir():
+        raise DataError(f"data file {source!r} is a directory; expected a file")
     if not path.is_file():
         raise DataError(f"data file {source!r} does not exist")
     check_file(source, path.read_bytes(), suffix)
@@ -87,6 +89,8 @@ def unlabelled_texts(source: str, text_column: str = "text") -> tuple[str, ...]:
     suffix = path.suffix.lower()
     if suffix not in (".txt", *FILE_FORMATS):
         raise DataError(f"unlabelled text {source!r}: expected a file ending in .txt, {', '.join(FILE_FORMATS)}")
+    if path.is_dir():
+        raise DataError(f"unlabelled text file {source!r} is a directory; expected a file")
     if not path.is_file():
         raise DataError(f"unlabelled text file {source!r} does not exist")
     if suffix == ".txt":

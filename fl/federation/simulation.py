@@ -25,12 +25,13 @@ from flwr.simulation import run_simulation
 
 from fl.federation.client import make_client_app
 from fl.federation.rounds import StrategyJob, StrategyOutcome, make_server_app
+from fl.run.cli import RunFailed
 from fl.run.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class SimulationFailed(RuntimeError):
+class SimulationFailed(RunFailed):
     """A strategy's simulation ended without a trustworthy merged model."""
 
 

@@ -43,6 +43,9 @@ class AttackSpec:
     factor: float = 1.0  # F of scale and sign-flip, SIGMA of noise; unused by label-flip
 
 
+MAX_FACTOR = 1e20  # far above any boosting attack (10-1000x), far below where a round's float32 sum overflows (3.4e38)
+
+
 def parse_attack(text: str, num_clients: int) -> AttackSpec | None:
     """The spec of ``--attack`` (None when empty); ValueError with one line naming the value otherwise."""
     if not text:
@@ -61,6 +64,8 @@ def parse_attack(text: str, num_clients: int) -> AttackSpec | None:
         raise ValueError(f"--attack {text}: expected a finite SIGMA >= 0")
     if kind != "noise" and not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"--attack {text}: expected a finite F > 0")
+    if factor > MAX_FACTOR:
+        raise ValueError(f"--attack {text}: {'SIGMA' if kind == 'noise' else 'F'} {factor:g} would overflow a round's float32 sum; expected at most {MAX_FACTOR:g}")
     if not 1 <= count < num_clients:
         honest = f"at least one of the {num_clients} clients must stay honest"
         raise ValueError(f"--attack {text}: expected COUNT from 1 to {num_clients - 1}: {honest}")

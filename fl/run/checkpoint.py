@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 RESULT_FILES = ("results.json", "results.md", "curves.png", "transfer.png")
+T = TypeVar("T")
 
 
 def run_identity(config: RunConfig, strategies: Sequence[RuleSetting]) -> dict[str, object]:
@@ -86,11 +88,51 @@ def check_out(out: Path, identity: Mapping[str, object], resume: bool, overwrite
         saved = out / CHECKPOINTS / "run.json"
         if not saved.exists():
             raise ConfigError(f"--resume: {out} holds no checkpoint to resume (expected {saved})")
-        changed = changes(files.read_json(saved), identity)
+        changed = changes(check_resumable(out), identity)
         if changed:
             raise ConfigError(f"--resume: the configuration differs from the run in {out}: {'; '.join(changed)}")
     elif used and not overwrite:
         raise ConfigError(f"--out {out} already holds results or a checkpoint: pass --resume to continue it or --overwrite to replace it")
+
+
+def readable(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``, or one line naming the damaged file: a resumed run reads every checkpoint file before any work."""
+    try:
+        return read(path)
+    except Exception as error:  # noqa: BLE001 - truncated, not JSON, a field missing or of the wrong type: all one answer
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"--resume: {path} is damaged ({reason}); expected the file as fedmerge wrote it, or pass --overwrite to start afresh") from None
+
+
+def identity_record(path: Path) -> dict[str, object]:
+    record = files.read_json(path)
+    if not isinstance(record.get("config"), dict) or not isinstance(record.get("strategies"), list):
+        raise ValueError("no 'config' object and 'strategies' list")
+    return record
+
+
+def state_record(path: Path) -> dict[str, object]:
+    """A strategy's state.json, with every field ``StrategyCheckpoint.load`` reads parsed once."""
+    state = files.read_json(path)
+    int(state["round"])  # type: ignore[call-overload]
+    scores_from(state["scores"])  # type: ignore[arg-type]
+    dict(state["strategy"])  # type: ignore[call-overload]
+    return state
+
+
+def check_resumable(out: Path) -> dict[str, object]:
+    """Every file a resumed run will read, read now (the run's identity returned): a damaged one stops the run at
+    the start, in one line naming it, with nothing overwritten."""
+    folder = out / CHECKPOINTS
+    identity = readable(folder / "run.json", identity_record)
+    if (folder / "baselines.json").exists():
+        readable(folder / "baselines.json", lambda p: scores_from(files.read_json(p)["models"]))  # type: ignore[arg-type]
+        readable(folder / "start.safetensors", files.load_weights)
+    for path in sorted(folder.glob("*/state.json")):
+        weights = readable(path, state_record).get("weights")
+        if weights:
+            readable(path.parent / str(weights), files.load_weights)
+    return identity
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,13 @@ import argparse
 import logging
 import shlex
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from fl.data.partitions import parse_partition_scheme
 from fl.data.user_files import DataError
@@ -176,10 +179,45 @@ def input_checks(*also: type[Exception]) -> Iterator[InputChecks]:
         checks.failed = True
 
 
+RUN_FAILED = 3  # exit code of a run stopped after it started (a failed round, a refused reply, a lost node); 2 = bad input
+FAILURE_LOG = "error.log"
+
+
+class RunFailed(RuntimeError):
+    """A run that started and could not finish for a reason outside the user's input: a client failed a round, a
+    reply was refused, a node was lost. Reported as one line, exit code RUN_FAILED, the traceback in a log file."""
+
+
+@dataclass
+class FailureLog:
+    folder: Path | None = None  # the run's --out, once the script knows it; else the system's temporary folder
+
+
+failure_log = FailureLog()
+
+
+def log_failures_in(folder: str | Path) -> None:
+    """Where a failed run's traceback goes: the run's output folder (each script calls this with its --out)."""
+    failure_log.folder = Path(folder)
+
+
+def reported(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """An entry point's exit code; a RunFailed becomes one line on stderr, exit code RUN_FAILED, and its full
+    traceback in error.log of the run's folder."""
+    try:
+        return main(argv)
+    except RunFailed as error:
+        folder = failure_log.folder if failure_log.folder is not None and failure_log.folder.is_dir() else Path(tempfile.gettempdir())
+        path = folder / FAILURE_LOG
+        path.write_text("".join(traceback.format_exception(error)))
+        print(f"error: {error} (traceback in {path})", file=sys.stderr)
+        return RUN_FAILED
+
+
 def timed(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """An entry point's exit code, its wall time printed when it succeeded."""
+    """An entry point's exit code (``reported``), its wall time printed when it succeeded."""
     started = time.monotonic()
-    code = main(argv)
+    code = reported(main, argv)
     if code == 0:
         print(f"total wall time {time.monotonic() - started:.0f} s")
     return code

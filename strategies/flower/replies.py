@@ -176,6 +176,29 @@ class ReplyPolicy:
         return weight
 
 
+def check_complete(msg: Message, keys: Iterable[str], global_keys: Iterable[str]) -> None:
+    """A client must send every key it trains: all of the global model but the other domains' heads. A missing
+    key would otherwise be merged from the other clients alone, without a word."""
+    domain = str(msg.content["client"]["domain"])
+    sent = set(keys)
+    missing = sorted(k for k in global_keys if k not in sent and (not k.startswith("heads.") or k.startswith(f"heads.{domain}.")))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UpdateError(f"{describe_client(msg)}: the reply lacks key '{missing[0]}'{more}: expected the encoder and the '{domain}' head")
+
+
+def check_metrics(msg: Message, counts: Iterable[str] = ("num-examples",)) -> None:
+    """Every metric of a reply is a real number (not a string or a boolean), and each of `counts` an integer:
+    checked before anything reads them, so a bad value is refused naming the node instead of failing inside
+    Flower's metric aggregation."""
+    metrics = msg.content["metrics"] if "metrics" in msg.content else {}
+    for key, value in metrics.items():
+        wanted = int if key in counts else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            expected = "an integer" if key in counts else "a real number"
+            raise UpdateError(f"{describe_client(msg)}: metric '{key}' is {value!r} ({type(value).__name__}): expected {expected}")
+
+
 def check_own_head(msg: Message, keys: Iterable[str]) -> None:
     """A client trains the shared encoder and its own domain's head, so it may send only those."""
     domain = str(msg.content["client"]["domain"])
@@ -186,6 +209,7 @@ def check_own_head(msg: Message, keys: Iterable[str]) -> None:
 
 def check_evaluation(msg: Message, max_examples: int | None) -> None:
     """A client's evaluation reply: accuracy in [0, 1], a finite loss >= 0, 1..max_examples test examples."""
+    check_metrics(msg)
     metrics = msg.content["metrics"] if "metrics" in msg.content else {}
     expected = {"eval-accuracy": (0.0, 1.0), "eval-loss": (0.0, math.inf), "num-examples": (1.0, float(max_examples or math.inf))}
     for key, (low, high) in expected.items():

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from strategies.aggregation import UpdateError, all_finite
 from strategies.flower.records import record_views
-from strategies.flower.replies import ReplyPolicy, check_evaluation, check_own_head, client_identity, describe_client
+from strategies.flower.replies import ReplyPolicy, check_complete, check_evaluation, check_metrics, check_own_head, client_identity, describe_client
 from strategies.flower.sampling import sample_clients
 from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
 from strategies.rules import RuleSetting, check_client
@@ -204,6 +204,8 @@ class RuleStrategy(FedAvg):
         name = describe_client(msg)
         state = record_views(msg.content[self.arrayrecord_key])
         check_own_head(msg, state)
+        check_complete(msg, state, self.global_state)
+        check_metrics(msg)
         update = ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
         check_magnitude(name, update.state, FLOAT32_MAX / ((self.policy.max_examples or update.weight) * max(self.policy.num_nodes, 1)))
         return update
