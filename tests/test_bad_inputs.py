@@ -192,6 +192,18 @@ def test_an_out_that_would_lose_results_fails_with_one_line_and_changes_nothing(
     assert snapshot == ({p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else out.read_bytes())
 
 
+def test_a_supernode_claiming_a_domain_the_run_does_not_have_is_refused_in_one_line() -> None:
+    """The deployment's own bad input (a SuperNode's node config); tests/test_deployment.py runs it on real SuperNodes."""
+    from fl.federation.client import client_role
+
+    config = RunConfig(domain_data="bio=hpo; legal=licenses; finance=finance.csv")
+
+    with pytest.raises(ConfigError) as error:
+        client_role(config, {"domain": "law"})
+
+    assert str(error.value) == "node domain 'law' is unknown: expected one of bio, legal, finance"
+
+
 def test_merge_experts_refuses_the_same_expert_twice(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     from sims import merge_experts
 
