@@ -29,7 +29,7 @@ from fl.experts.options import VOCAB_MODES  # noqa: E402
 from fl.run.cli import add_rule_options, build_config, console_logging, input_checks, rule_settings, run_options, run_script  # noqa: E402
 from fl.run.config import ConfigError  # noqa: E402
 
-FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack")  # no rounds run here
+FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack", "reply_timeout", "on_node_loss")  # no rounds run here
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

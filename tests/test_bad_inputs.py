@@ -30,6 +30,8 @@ CASES = [
     (["--clients-per-domain", "400", "--strategies", "ties", "--clients-per-round", "300"], {}, "--clients-per-round 300: 800 clients need about"),
     (["--clients-per-round", "3"], {}, "--clients-per-round 3: expected 'all', a count 1..2"),
     (["--device", "tpu9"], {}, "--device tpu9: expected a torch device such as cpu, cuda or cuda:1"),
+    (["--reply-timeout", "0"], {}, "--reply-timeout 0.0: expected a finite number of seconds > 0"),
+    (["--on-node-loss", "retry"], {}, "--on-node-loss retry: expected one of fail, continue"),
     (["--repair", "distill:x"], {}, "--repair distill:x: expected distill:STEPS with STEPS a whole number >= 1"),
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], {}, "--device cuda: this machine has no CUDA device torch can use")]),
     # merge rules and their options

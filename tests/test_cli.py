@@ -89,3 +89,11 @@ def test_a_run_that_fails_after_it_started_prints_one_line_exits_3_and_logs_the_
     assert code == RUN_FAILED == 3
     assert err == f"error: strategy 'fedavg' failed: round 1 train: 1 of 2 clients failed: node 7 (bio-0): disk full (traceback in {tmp_path / 'error.log'})"
     assert "Traceback (most recent call last)" in (tmp_path / "error.log").read_text()
+
+
+def test_the_reply_timeout_and_the_node_loss_policy_are_flags_of_the_scripts_that_run_rounds() -> None:
+    from fl.run.cli import build_config, run_options
+
+    config = build_config(run_options("test").parse_args(["--reply-timeout", "20", "--on-node-loss", "continue"]))
+
+    assert (config.reply_timeout, config.on_node_loss) == (20.0, "continue")

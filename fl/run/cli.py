@@ -78,6 +78,8 @@ def run_options(description: str, script_defaults: Mapping[str, object] | None =
         "COUNT clients drawn with --seed attack, results.json names them",
     )
     option("--device", "torch device of training and scoring: cpu, cuda, cuda:1...; refused when this machine lacks it")
+    option("--reply-timeout", "seconds a round waits for its replies (and for a lost node to come back)", type=float)
+    option("--on-node-loss", "a client lost mid-run: fail the run naming it, or continue with the others")
     option("--seed", type=int)
     p.add_argument("--quick", action="store_true", help=f"small smoke run: {QUICK} unless given explicitly")
     return p
