@@ -147,6 +147,15 @@ def train_experts(workbench: Workbench, start: State, clock: PhaseClock) -> dict
     return experts
 
 
+def score_and_save_experts(workbench: Workbench, experts: Mapping[str, State], out: Path) -> dict[str, Scores]:
+    """Each expert scored on every domain, by row name, and saved as ``<domain>-expert/`` in `out`."""
+    scores = {}
+    for domain, expert in experts.items():
+        scores[f"{domain}-expert"] = workbench.score(expert)
+        workbench.save(expert, out / f"{domain}-expert")
+    return scores
+
+
 def train_multitask(workbench: Workbench, start: State, clock: PhaseClock) -> State:
     """One model trained centrally on every domain, the experts' budget per domain (one batch of each per step)."""
     config = workbench.config

@@ -21,7 +21,7 @@ from fl.run.checkpoint import RunFolder
 from fl.run.config import RunConfig
 from fl.run.files import write_results
 from fl.run.phases import PhaseClock
-from fl.studies.baselines import FEDAVG, Workbench, ensemble, fit_base, make_workbench, one_shot, train_experts, train_multitask
+from fl.studies.baselines import FEDAVG, Workbench, ensemble, fit_base, make_workbench, one_shot, score_and_save_experts, train_experts, train_multitask
 from fl.studies.repair import repair, repaired_name
 from fl.studies.report import Row, effects, effects_json, markdown, plot_curves, plot_transfer, table_row, transfer, transfer_markdown, versus
 from strategies.rules import RuleSetting
@@ -61,9 +61,7 @@ def run_baselines(
         start, base_scores = fit_base(workbench)
     models: dict[str, Scores] = {"base": base_scores}
     experts = train_experts(workbench, start, clock)
-    for domain, expert in experts.items():
-        models[f"{domain}-expert"] = workbench.score(expert)
-        workbench.save(expert, out / f"{domain}-expert")
+    models.update(score_and_save_experts(workbench, experts, out))
     models["multi-task"] = workbench.score(train_multitask(workbench, start, clock))
     for row, setting in one_shots.items():
         with clock.phase(f"{row} of the experts"):

@@ -21,7 +21,7 @@ from fl.run.checkpoint import RunFolder
 from fl.run.config import RunConfig
 from fl.run.files import write_results
 from fl.run.phases import PhaseClock
-from fl.studies.baselines import FEDAVG, ensemble, fit_base, make_workbench, train_experts, train_multitask
+from fl.studies.baselines import FEDAVG, ensemble, fit_base, make_workbench, score_and_save_experts, train_experts, train_multitask
 from fl.studies.experiment import against_fedavg, run_strategies, scores_json
 from fl.studies.report import Effect, markdown, paired_mean_difference, plot_curves, plot_transfer, table_row, transfer, transfer_markdown
 from fl.studies.subset_merges import SIZES, best_rules, curve, curve_markdown, domain_subsets, one_shot_grid, plot_curve, rule_rows
@@ -64,9 +64,7 @@ def run_many_domains(
     models: dict[str, Scores] = {"base": base_scores}
     experts = train_experts(workbench, start, clock)
     with clock.phase("experts scored on every domain, and saved"):
-        for domain, expert in experts.items():
-            models[f"{domain}-expert"] = workbench.score(expert)
-            workbench.save(expert, out / f"{domain}-expert")
+        models.update(score_and_save_experts(workbench, experts, out))
     models["multi-task"] = workbench.score(train_multitask(workbench, start, clock))
     models["ensemble"] = ensemble({d: models[f"{d}-expert"] for d in domains})
 

@@ -17,7 +17,8 @@ import torch
 
 from fl.modeling.evaluation import Scores
 from fl.run.phases import PhaseClock
-from fl.studies.baselines import FEDAVG, Workbench, expert_updates, merge_updates
+from fl.studies.baselines import Workbench, expert_updates, merge_updates
+from fl.studies.experiment import one_shot_rows
 from fl.studies.report import Row, plt, save_figure, table_row  # the report's pyplot: its Agg backend is set there
 from strategies.rules import RuleSetting
 
@@ -48,10 +49,9 @@ def domain_subsets(domains: Sequence[str], sizes: Sequence[int] = SIZES) -> dict
 
 
 def rule_rows(settings: Sequence[RuleSetting]) -> dict[str, RuleSetting]:
-    """The one-shot merges of the grid by row name: the average always, then each selected rule with a one-shot form."""
-    rows = {"average": FEDAVG}
-    rows.update({s.name: s for s in settings if s.rule.one_shot and s.name != "fedavg"})
-    return rows
+    """The headline's one-shot rows (the average always, then each selected rule with a one-shot form), named by
+    rule: the grid's lines."""
+    return {name.removeprefix("one-shot-"): setting for name, setting in one_shot_rows(list(settings)).items()}
 
 
 @dataclass(frozen=True)
