@@ -12,6 +12,7 @@ import torch
 
 from fl.run.config import ConfigError, RunConfig, split_run_config
 from sims import bio_legal
+from strategies.aggregation import UpdateError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,6 +215,40 @@ def test_merge_experts_refuses_the_same_expert_twice(tiny_model_dir: Path, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--experts: {tiny_model_dir}/ is given more than once; expected each expert once" in err
+
+
+def test_a_node_changing_its_partition_in_a_streamed_round_is_refused_naming_the_node() -> None:
+    """A streamed round (FedAvg) checks the claim before asking whether the round expected that client."""
+    from flwr.app import MessageType
+
+    from strategies.flower.streaming import InOrderMean
+    from tests.test_flower_strategies import reply, strategy_with_global, toy_global
+
+    strategy = strategy_with_global("fedavg", toy_global(), 2)
+    strategy.policy.node_roles = {1: "bio-0", 2: "legal-0"}  # from the roll call
+    strategy.stream = InOrderMean(["bio-0", "legal-0"], strategy.admit)
+    moved = reply({"encoder.w": torch.ones(2)}, 5, "bio", 1)
+    moved.content["client"]["partition-id"] = 5
+    moved.metadata.message_type = MessageType.TRAIN
+
+    with pytest.raises(UpdateError, match=r"^node 1: claims to be bio-5, but served bio-0 in an earlier reply: refused$"):
+        strategy.on_reply(moved)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv0", "expected"),
+    [
+        ("sims/many_domains.py", "sims/many_domains.py", "python sims/many_domains.py --quick --out runs/x --resume"),
+        ("sims/many_domains.py", "fedmerge many-domains", "fedmerge many-domains --quick --out runs/x --resume"),
+        ("sims/bio_legal.py", "fedmerge run", "fedmerge run --quick --out runs/x --resume"),
+    ],
+)
+def test_the_printed_resume_command_is_the_one_the_user_typed(script: str, argv0: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl.run.cli import resume_command_of
+
+    monkeypatch.setattr("sys.argv", [argv0, "--quick", "--overwrite"])
+
+    assert resume_command_of(script, ["--quick", "--overwrite"], "runs/x") == expected
 
 
 DAMAGED = [  # (file under checkpoints/, what is done to it)

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl.data.batches import Encoded
+from fl.federation.stragglers import ActorWatch
 from fl.modeling.evaluation import Score, evaluate
 from fl.modeling.model import MultiHeadEncoder, num_attention_heads
 from fl.run.checkpoint import StrategyCheckpoint
@@ -82,7 +83,7 @@ class StrategyOutcome:
     error: BaseException | None = None
 
 
-def round_settings(config: RunConfig, in_flight: int | None) -> RoundSettings:
+def round_settings(config: RunConfig, in_flight: int | None, abandon: Callable[[list[str]], object] | None = None) -> RoundSettings:
     """The strategy's view of the run: its federation, seed, reply policy and the limits of honest replies."""
     return RoundSettings(
         num_clients=config.num_clients,
@@ -95,18 +96,20 @@ def round_settings(config: RunConfig, in_flight: int | None) -> RoundSettings:
         max_eval_examples=config.test_size,
         clients_per_round=config.sampled_clients,
         in_flight=in_flight,
+        abandon=abandon,
     )
 
 
-def run_on_grid(grid: Grid, job: StrategyJob, in_flight: int | None = None) -> StrategyOutcome:
+def run_on_grid(grid: Grid, job: StrategyJob, in_flight: int | None = None, watch: ActorWatch | None = None) -> StrategyOutcome:
     """Run one strategy for config.rounds rounds on the connected nodes; raises if any round fails.
 
     With a checkpoint, every completed round is saved, and a strategy that an earlier run left after round K
-    continues with round K + 1 from the saved weights, scores and strategy state.
+    continues with round K + 1 from the saved weights, scores and strategy state. With a `watch` (a simulation), the
+    clients of messages a round gave up on are abandoned.
     """
     config, setting, evaluator, checkpoint = job.config, job.setting, job.evaluator, job.checkpoint
     initial_state = job.start
-    strategy = RuleStrategy(setting, round_settings(config, in_flight))
+    strategy = RuleStrategy(setting, round_settings(config, in_flight, watch.abandon if watch is not None else None))
     done = checkpoint.load() if checkpoint is not None else None
     if done is not None:
         log.info("%s: resuming after round %d of %d", setting.name, done.server_round, config.rounds)
@@ -169,17 +172,21 @@ def run_and_save(job: StrategyJob, runner: StrategyRunner, save: Callable[[Mappi
     return outcome
 
 
-def make_server_app(job: StrategyJob, outcome: StrategyOutcome, in_flight: int | None = None) -> ServerApp:
-    """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process)."""
+def make_server_app(job: StrategyJob, outcome: StrategyOutcome, in_flight: int | None = None, watch: ActorWatch | None = None) -> ServerApp:
+    """A ServerApp bound to one strategy; results land in `outcome` (the simulation runs in this process). Whatever
+    client task still runs when the server is done is abandoned, so the run's end never waits for it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            done = run_on_grid(grid, job, in_flight)
+            done = run_on_grid(grid, job, in_flight, watch)
         except BaseException as error:  # recorded for the caller: Flower itself only logs a ServerApp crash
             outcome.error = error
             raise
+        finally:
+            if watch is not None:
+                watch.abandon_all()
         outcome.final_state, outcome.client_history, outcome.client_evaluations = done.final_state, done.client_history, done.client_evaluations
 
     return app

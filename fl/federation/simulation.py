@@ -25,6 +25,7 @@ from flwr.simulation import run_simulation
 
 from fl.federation.client import make_client_app
 from fl.federation.rounds import StrategyJob, StrategyOutcome, make_server_app
+from fl.federation.stragglers import RESTARTABLE, watched_actors
 from fl.run.cli import RunFailed
 from fl.run.config import ConfigError
 
@@ -178,21 +179,21 @@ def run_strategy(job: StrategyJob, resources: SimulationResources = SimulationRe
     address = resources.validate().cluster_address()
     client = resources.client_resources(config.num_clients)
     outcome = StrategyOutcome()
-    backend = {"client_resources": client, "init_args": init_args(address)}
+    backend = {"client_resources": {**client, **RESTARTABLE}, "init_args": init_args(address)}
     start_ray(backend["init_args"], address)
     try:
         check_cluster(client, address)
     except ConfigError:
         ray.shutdown()
         raise
-    server = make_server_app(job, outcome, messages_in_flight(client))
     try:
-        run_simulation(
-            server_app=server,
-            client_app=make_client_app(config),
-            num_supernodes=config.num_clients,
-            backend_config=backend,
-        )
+        with watched_actors() as watch:
+            run_simulation(
+                server_app=make_server_app(job, outcome, messages_in_flight(client), watch),
+                client_app=make_client_app(config),
+                num_supernodes=config.num_clients,
+                backend_config=backend,
+            )
     except Exception as error:  # run_simulation re-raises the ServerApp's error
         outcome.error = outcome.error or error
     if outcome.error is not None:

@@ -150,10 +150,14 @@ def parse_offsets(text: str) -> list[int]:
 
 
 def console_logging() -> None:
-    """Progress lines with a clock, without the chatter of the HTTP and dataset libraries."""
+    """Progress lines with a clock, without the chatter of the HTTP and dataset libraries, and without Flower's
+    tracebacks (``TracebacksToLog``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ["httpx", "urllib3", "datasets", "filelock", "alembic"]:  # alembic: Flower's state database, on import
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, TracebacksToLog) for f in flower.filters):
+        flower.addFilter(TracebacksToLog())
 
 
 @dataclass
@@ -203,15 +207,39 @@ def log_failures_in(folder: str | Path) -> None:
     failure_log.folder = Path(folder)
 
 
+def failure_log_path() -> Path:
+    folder = failure_log.folder if failure_log.folder is not None and failure_log.folder.is_dir() else Path(tempfile.gettempdir())
+    return folder / FAILURE_LOG
+
+
+def append_to_failure_log(text: str) -> Path:
+    path = failure_log_path()
+    with path.open("a") as log_file:
+        log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text.rstrip()}\n")
+    return path
+
+
+class TracebacksToLog(logging.Filter):
+    """Flower logs a client's or an actor's traceback as an ERROR record (40 lines on the terminal for a failure
+    that fedmerge reports in one): such records go to the run's error.log instead, their last line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "Traceback (most recent call last)" not in text:
+            return True
+        path = append_to_failure_log(text)
+        last = text.strip().splitlines()[-1]
+        record.msg, record.args = f"{last} (traceback in {path})", ()
+        return True
+
+
 def reported(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """An entry point's exit code; a RunFailed becomes one line on stderr, exit code RUN_FAILED, and its full
     traceback in error.log of the run's folder."""
     try:
         return main(argv)
     except RunFailed as error:
-        folder = failure_log.folder if failure_log.folder is not None and failure_log.folder.is_dir() else Path(tempfile.gettempdir())
-        path = folder / FAILURE_LOG
-        path.write_text("".join(traceback.format_exception(error)))
+        path = append_to_failure_log("".join(traceback.format_exception(error)))
         print(f"error: {error} (traceback in {path})", file=sys.stderr)
         return RUN_FAILED
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -85,6 +85,7 @@ class ReplyPolicy:
         continue_on_loss: bool = False,
         max_examples: int | None = None,
         weighted_by_key: str = "num-examples",
+        abandon: Callable[[list[str]], object] | None = None,
     ) -> None:
         self.num_nodes = num_nodes  # nodes a round waits for; lowered when a node is dropped in continue mode
         self.reply_timeout = reply_timeout  # also how long a round waits for lost nodes to come back
@@ -95,9 +96,15 @@ class ReplyPolicy:
         self.node_names: dict[int, str] = {}  # node id -> "node ID (domain-partition)", from earlier replies
         self.node_roles: dict[int, str] = {}  # node id -> "domain-partition" it claimed first; later claims must agree
         self.sent: list[Message] = []  # this stage's messages; the Grid sets their ids as it pushes them
+        self.lost_ids: set[int] = set()  # continue mode: nodes found lost, never sent anything again in this run
+        self.abandon = abandon  # stops the clients of messages given up on (simulation: kills their actors)
 
     def wait(self, grid: Grid, stage: str) -> list[int]:
-        return wait_for_nodes(grid, self.num_nodes, self.reply_timeout, stage, self.node_names)
+        return wait_for_nodes(self.reachable(grid), self.num_nodes, self.reply_timeout, stage, self.node_names)
+
+    def reachable(self, grid: Grid) -> Grid:
+        """The grid as a round sees it: without the nodes found lost (a simulation still lists them)."""
+        return WithoutNodes(grid, self.lost_ids) if self.lost_ids else grid
 
     def sending(self, messages: Iterable[Message]) -> list[Message]:
         """Remember a stage's messages (to name a node that does not answer); returns them as a list."""
@@ -105,19 +112,17 @@ class ReplyPolicy:
         return self.sent
 
     def node_of(self, reply: Message) -> str:
-        """The client a reply is about. The SuperLink itself answers for a node that stopped sending
-        heartbeats, so the node is found through the message the reply answers."""
-        for msg in self.sent:
-            if msg.metadata.message_id == reply.metadata.reply_to_message_id:
-                return self.node_name(msg.metadata.dst_node_id)
-        return describe_client(reply)
+        """The client a reply is about, found through the message it answers."""
+        node = self.sent_to(reply)
+        return self.node_name(node) if node is not None else describe_client(reply)
 
     def node_name(self, node: int) -> str:
         return self.node_names.get(node, f"node {node}")
 
     def usable(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
         """The replies to use: all of them, or RoundFailed naming every failed or silent node; in continue
-        mode lost nodes are dropped (and remembered) as long as one client answered and none raised."""
+        mode lost nodes are dropped (and remembered) as long as one client answered and none raised. The
+        clients of silent messages are abandoned first, so nothing of this round still runs."""
         for msg in replies:
             if not msg.has_error():
                 self.check_role(msg)
@@ -125,21 +130,27 @@ class ReplyPolicy:
         failed = [m for m in replies if m.has_error()]
         ok = [m for m in replies if not m.has_error()]
         raised = [m for m in failed if m.error.code not in LOST_NODE_CODES]
-        missing = len(replies) < len(self.sent)
         answered = {m.metadata.reply_to_message_id for m in replies}
-        silent = [self.node_name(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id not in answered]
+        missing = len(replies) < len(self.sent)
+        silent = [m for m in self.sent if missing and m.metadata.message_id and m.metadata.message_id not in answered]
+        unsent = [m for m in self.sent if missing and not m.metadata.message_id]  # the round's time ran out before they left
+        if silent and self.abandon is not None:
+            self.abandon([m.metadata.message_id for m in silent])
         if self.continue_on_loss and ok and not raised:
-            if failed or missing:
+            if failed or silent:
                 self.drop_lost(server_round, stage, failed, silent, len(ok))
             return ok
         if failed:
             reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
             hint = "" if raised or self.continue_on_loss else " (on-node-loss=continue would finish rounds with the remaining clients)"
             raise RoundFailed(f"{stage_name(server_round, stage)}: {len(failed)} of {len(replies)} clients failed: {reasons}{hint}")
-        if missing:
+        if silent or unsent:
+            names = [self.node_name(m.metadata.dst_node_id) for m in silent]
+            hint = " (on-node-loss=continue would finish rounds with the remaining clients)" if silent and not self.continue_on_loss else ""
+            waiting = f"; {len(unsent)} not yet sent when the time ran out" if unsent else ""
             raise RoundFailed(
-                f"{stage_name(server_round, stage)}: {len(replies)} replies for {len(self.sent)} clients "
-                f"(timeout or lost node{': ' if silent else ''}{', '.join(silent)})"
+                f"{stage_name(server_round, stage)}: {len(replies)} replies for {len(self.sent)} clients after the reply timeout of "
+                f"{self.reply_timeout:g} s{': no reply from ' if names else ''}{', '.join(names)}{waiting}{hint}"
             )
         return ok
 
@@ -152,13 +163,24 @@ class ReplyPolicy:
         if bound != role:
             raise UpdateError(f"node {msg.metadata.src_node_id}: claims to be {role}, but served {bound} in an earlier reply: refused")
 
-    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[str], remaining: int) -> None:
-        """Record and log the lost nodes, and let later rounds start with the nodes that are left."""
-        losses = [(self.node_of(m), error_text(m.error.reason)) for m in failed] + [(n, "no reply in time") for n in silent]
+    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[Message], remaining: int) -> None:
+        """Record and log the lost nodes; later rounds neither wait for them nor send them anything."""
+        losses = [(self.sent_to(m), error_text(m.error.reason)) for m in failed]
+        losses += [(m.metadata.dst_node_id, f"no reply within the reply timeout of {self.reply_timeout:g} s") for m in silent]
         for node, reason in losses:
-            self.lost_nodes.setdefault(server_round, []).append({"stage": stage, "node": node, "reason": reason})
-            log.warning("round %d %s: lost %s (%s); continuing with %d clients", server_round, stage, node, reason, remaining)
+            if node is not None:
+                self.lost_ids.add(node)
+            name = self.node_name(node) if node is not None else "a node"
+            self.lost_nodes.setdefault(server_round, []).append({"stage": stage, "node": name, "reason": reason})
+            log.warning("round %d %s: lost %s (%s); continuing with %d clients", server_round, stage, name, reason, remaining)
         self.num_nodes -= len(losses)  # not `remaining`: a sampled round asked only some of the nodes
+
+    def sent_to(self, reply: Message) -> int | None:
+        """The node a reply answers for (the SuperLink answers for a node that stopped sending heartbeats)."""
+        for msg in self.sent:
+            if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+                return msg.metadata.dst_node_id
+        return None
 
     def claimed_examples(self, msg: Message) -> float:
         """A reply's averaging weight, refused when no client could have trained on that many examples."""
@@ -218,6 +240,20 @@ def check_evaluation(msg: Message, max_examples: int | None) -> None:
         value = float(metrics[key])
         if not (math.isfinite(value) and low <= value <= high):
             raise UpdateError(f"{describe_client(msg)}: {key} {value:g}: expected a finite number in [{low:g}, {high:g}]")
+
+
+class WithoutNodes:
+    """A Grid that does not list some of its nodes; every other attribute is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, hidden: set[int]) -> None:
+        self.grid = grid
+        self.hidden = hidden
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self.grid.get_node_ids() if node not in self.hidden]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.grid, name)
 
 
 def stage_name(server_round: int, stage: str) -> str:

@@ -10,8 +10,8 @@ so the same seed gives the same sums. The merged model is checked finite before 
 Client evaluations are checked and averaged per domain.
 
 Cross-device scale: with ``clients_per_round`` K, each round trains K clients drawn with the seed and the round
-(``strategies.flower.sampling``), every domain represented when K allows; a roll call (a query without data) first learns
-which client each node serves. A rule that is a weighted mean (FedAvg, FedProx) merges each reply as it arrives
+(``strategies.flower.sampling``), every domain represented when K allows. In every run a roll call (a query without data)
+first learns which client each node serves, so that a node that falls silent later is named by its client. A rule that is a weighted mean (FedAvg, FedProx) merges each reply as it arrives
 (``strategies.flower.streaming``), so the server holds only the replies in flight; every rule empties the replies' arrays
 once merged, which Flower's loop would otherwise keep alive for another round.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,7 @@ class RoundSettings:
     max_eval_examples: int | None = None  # a client's test split holds at most this many examples
     clients_per_round: int | None = None  # None: every client trains every round
     in_flight: int | None = None  # messages sent ahead of their replies (simulation: a few per actor); None: all
+    abandon: Callable[[list[str]], object] | None = None  # stops the clients of messages a round gave up on (by message id)
 
 
 class RuleStrategy(FedAvg):
@@ -93,7 +94,7 @@ class RuleStrategy(FedAvg):
             evaluate_metrics_aggr_fn=per_domain_metrics,
         )
         self.setting = setting
-        self.policy = ReplyPolicy(num_clients, settings.reply_timeout, settings.continue_on_loss, settings.max_examples)
+        self.policy = ReplyPolicy(num_clients, settings.reply_timeout, settings.continue_on_loss, settings.max_examples, abandon=settings.abandon)
         self.num_heads = settings.num_heads
         self.seed = settings.seed
         self.max_eval_examples = settings.max_eval_examples
@@ -146,9 +147,9 @@ class RuleStrategy(FedAvg):
         for key, value in self.setting.client_config().items():
             config[key] = value
         self.stream, self.sampled = None, []
+        self.roll_call(grid, nodes, server_round)  # sampling by domain, merging in name order, naming a lost node
         if not (self.sampling() or self.streams):
-            return self.policy.sending(super().configure_train(server_round, arrays, config, grid))
-        self.roll_call(grid, nodes, server_round)  # sampling by domain and merging in name order need every role
+            return self.policy.sending(super().configure_train(server_round, arrays, config, self.policy.reachable(grid)))
         names = {node: self.policy.node_roles[node] for node in nodes if node in self.policy.node_roles}
         chosen = sample_clients(names, self.clients_per_round or len(names), self.seed, server_round)
         if self.sampling():
@@ -176,6 +177,7 @@ class RuleStrategy(FedAvg):
         """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
         if self.stream is None or msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
             return msg
+        self.policy.check_role(msg)  # a changed claim is refused naming the node, before the stream asks who this is
         return self.stream.arrive(msg, client_identity(msg))
 
     def admit(self, msg: Message) -> ClientUpdate:
@@ -190,7 +192,7 @@ class RuleStrategy(FedAvg):
         self.follow_policy()
         if self.fraction_evaluate > 0:
             self.policy.wait(grid, f"round {server_round}")
-        return self.policy.sending(super().configure_evaluate(server_round, arrays, config, grid))
+        return self.policy.sending(super().configure_evaluate(server_round, arrays, config, self.policy.reachable(grid)))
 
     def follow_policy(self) -> None:
         """Wait for, and sample, only the nodes the policy still expects (fewer after a loss in continue mode)."""
