@@ -149,7 +149,7 @@ RULES: Mapping[str, Rule] = {
         ),
         Rule(
             "ties", Deferred("strategies.task_vectors:ties"), "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
-            "Yadav et al. 2023", "buffers of one tensor; every reply held (two passes)",
+            "Yadav et al. 2023", "1 model copy + one tensor's magnitudes; every reply held (read twice: thresholds, then merged block by block)",
             "deltas that interfere (coordinates where clients pull in opposite directions)",
             options=(Option("density", float, 0.2, "fraction of each delta tensor's entries kept (largest magnitudes)", 0.0, 1.0, low_open=True), LAMBDA),
             deltas=True,
@@ -162,7 +162,7 @@ RULES: Mapping[str, Rule] = {
         ),
         Rule(
             "dare-ties", Deferred("strategies.task_vectors:dare_ties"), "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
-            "Yu et al. 2024", "buffers of one tensor; every reply held (two passes)", "as TIES, with a random sparsification",
+            "Yu et al. 2024", "1 model copy; every reply held (read once, block by block)", "as TIES, with a random sparsification",
             options=(DROP, LAMBDA),
             deltas=True,
         ),

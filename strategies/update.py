@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from strategies.aggregation import as_tensors
@@ -47,8 +48,15 @@ class MergeContext:
     def generator(self, identity: str, key: str = "") -> torch.Generator:
         """A generator seeded by the run's seed, the round, the client and (optionally) the parameter, so a
         client's draws do not depend on the order replies arrived in and can be drawn again identically."""
-        text = f"{self.seed}/{self.server_round}/{identity}/{key}"
-        return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        return torch.Generator().manual_seed(self.seed_for(identity, key))
+
+    def numpy_generator(self, identity: str, key: str = "") -> np.random.Generator:
+        """The same seeding for numpy's PCG64, which draws random bytes about 5x faster than torch's generator."""
+        return np.random.Generator(np.random.PCG64(self.seed_for(identity, key)))
+
+    def seed_for(self, identity: str, key: str = "") -> int:
+        """crc32 of the text: the same in every process (Python's str hash is salted per process)."""
+        return zlib.crc32(f"{self.seed}/{self.server_round}/{identity}/{key}".encode())
 
 
 Clients = Sequence[ClientUpdate]
