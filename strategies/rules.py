@@ -78,6 +78,7 @@ class Rule:
     one_shot: bool = True  # whether merging two finished experts with it means something (FedProx's term is training-only)
     streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.flower.streaming)
     deltas: bool = False  # merges differences from the global state: a one-shot merge needs the experts' common base
+    server_text: bool = False  # learns from unlabelled text the server holds (MergeContext.server_text): refused without it
 
     def key(self, option: Option) -> str:
         return f"{self.name}-{option.name}"
@@ -105,6 +106,16 @@ class Rule:
         if self.statistic is not None:
             config["statistic"] = self.statistic.name
         return config
+
+
+def check_server_text(strategies: Sequence[RuleSetting], server_data: bool) -> None:
+    """Refuse, before any work, a rule that learns from server text when the server holds none."""
+    needing = [s.name for s in strategies if s.rule.server_text]
+    if needing and not server_data:
+        raise OptionError(
+            f"{needing[0]} learns its merge from unlabelled text at the server, and with server-data = false the server holds none: "
+            "expected server-data = true or another rule"
+        )
 
 
 def check_client(global_state: State, state: State, weight: float, name: str) -> None:
@@ -149,7 +160,7 @@ RULES: Mapping[str, Rule] = {
         ),
         Rule(
             "ties", Deferred("strategies.task_vectors:ties"), "trim each delta to its top-density magnitudes, elect signs by mass, disjoint mean, x lambda",
-            "Yadav et al. 2023", "buffers of one tensor; every reply held (two passes)",
+            "Yadav et al. 2023", "1 model copy + one tensor's magnitudes; every reply held (read twice: thresholds, then merged block by block)",
             "deltas that interfere (coordinates where clients pull in opposite directions)",
             options=(Option("density", float, 0.2, "fraction of each delta tensor's entries kept (largest magnitudes)", 0.0, 1.0, low_open=True), LAMBDA),
             deltas=True,
@@ -162,7 +173,7 @@ RULES: Mapping[str, Rule] = {
         ),
         Rule(
             "dare-ties", Deferred("strategies.task_vectors:dare_ties"), "DARE's random drop in place of TIES' trim, then sign election and disjoint mean",
-            "Yu et al. 2024", "buffers of one tensor; every reply held (two passes)", "as TIES, with a random sparsification",
+            "Yu et al. 2024", "1 model copy; every reply held (read once, block by block)", "as TIES, with a random sparsification",
             options=(DROP, LAMBDA),
             deltas=True,
         ),
@@ -204,6 +215,18 @@ RULES: Mapping[str, Rule] = {
             "Marczak et al. 2025", "every reply held; one SVD per matrix and client", "as Iso-C, with domains whose own directions the sum would drown",
             options=(Option("common", float, 0.8, "share of each weight matrix's rank taken from the summed delta (the rest: each client's own)", 0.0, 1.0, low_open=True), LAMBDA),
             deltas=True,
+        ),
+        Rule(
+            "adamerging", Deferred("strategies.adamerging:adamerging"),
+            "global + a coefficient per client and layer x its delta, learnt by minimising the prediction entropy on unlabelled server text",
+            "Yang et al. 2024", "every reply held + one model's activations and gradients", "many domains, when the server holds unlabelled text of each",
+            options=(
+                Option("steps", int, 10, "Adam steps over the coefficients, one batch of each domain's text per step", 1, 10_000),
+                Option("lr", float, 0.01, "Adam learning rate of the coefficients", 0.0, 1.0, low_open=True),
+                Option("init", float, 0.0, "starting value of every coefficient; 0 = 1/N, the average (the paper: 0.3)", 0.0, 2.0),
+            ),
+            deltas=True,
+            server_text=True,
         ),
         Rule(
             "fisher", Deferred("strategies.fisher:fisher_average"), "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",
@@ -338,7 +361,7 @@ def markdown_table() -> str:
             f"`{rule.key(o)}` {o.default} ({o.range_text}): {o.help}" + (" [client side]" if o.name in rule.client_options else "")
             for o in rule.options
         )
-        sends = "weights" + (f" + {rule.statistic.describe}" if rule.statistic else "")
+        sends = "weights" + (f" + {rule.statistic.describe}" if rule.statistic else "") + (" (the server needs unlabelled text)" if rule.server_text else "")
         lines.append(f"| `{rule.name}` ({rule.paper}) | {rule.summary} | {options or '-'} | {sends} | {rule.memory} | {rule.use_when} |")
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ def test_headline_writes_results_plot_and_loadable_models(tmp_path: Path) -> Non
         [sys.executable, str(ROOT / "sims" / "bio_legal.py"), *argv],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # a safety net: about 2 minutes on a quiet machine
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
 

@@ -134,7 +134,7 @@ def tiny_argv(model: Path, data: tuple[Path, ...], out: Path, rounds: int = 3) -
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
 def start_and_wait_for(argv: list[str], path: Path, log: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process]]:
@@ -142,10 +142,13 @@ def start_and_wait_for(argv: list[str], path: Path, log: Path) -> tuple[subproce
     the run had started by then."""
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # a safety net, not a judgement: about 30 s on a quiet machine
     while not path.exists():
         assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no {path.name} in 300 s"
+        if time.monotonic() > deadline:
+            for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+                child.kill()
+            raise AssertionError(f"no {path.name} in 1200 s")
         time.sleep(0.1)
     return process, psutil.Process(process.pid).children(recursive=True)
 
@@ -224,15 +227,15 @@ def test_an_interrupted_run_exits_within_seconds_with_a_resume_line_and_no_proce
 
     process.send_signal(sent)
     began = time.monotonic()
-    process.wait(timeout=60)
+    process.wait(timeout=300)
 
     assert process.returncode == code
-    assert time.monotonic() - began < 30
+    assert time.monotonic() - began < 120  # "within seconds": about 5 s quiet; 120 s allows a fully loaded machine
     err = log.read_text()
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"interrupted {progress}") and "; resume with: " in last and last.endswith("--resume")
     assert "Traceback" not in err
-    deadline = time.monotonic() + 10  # the run's reaper kills them once the run has exited
+    deadline = time.monotonic() + 60  # the run's reaper kills them once the run has exited
     while alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive(started) == []

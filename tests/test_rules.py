@@ -10,7 +10,7 @@ import torch
 from strategies.aggregation import UpdateError
 from strategies.options import Option, OptionError
 from strategies.rules import RULES, default_values, markdown_table, option_keys, parse_names, settings
-from strategies.update import ClientUpdate, MergeContext
+from strategies.update import ClientUpdate, MergeContext, ServerText
 
 RULES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "merge-rules.md"  # where the table of rules lives
 
@@ -31,7 +31,8 @@ def test_every_rule_merges_two_clients_into_the_keys_they_sent() -> None:
             )
         ]
 
-        merged = setting.merge(global_state, clients, MergeContext())
+        text = ServerText(lambda state, domain, index: state["encoder.w"] @ torch.ones(3, 2), {"bio": 1})  # adamerging's
+        merged = setting.merge(global_state, clients, MergeContext(server_text=text if setting.rule.server_text else None))
 
         assert set(merged) == set(global_state), setting.name
         assert all(bool(torch.isfinite(v).all()) for v in merged.values()), setting.name

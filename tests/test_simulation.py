@@ -57,3 +57,22 @@ def test_rules_with_client_statistics_run_two_clients_two_rounds(tiny_run, rule:
     key = "encoder.encoder.layer.0.attention.self.query.weight"
     assert (outcome.final_state[key] - start[key]).abs().max() > 0
     assert all(bool(torch.isfinite(v).all()) for v in outcome.final_state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("rule", ["iso-c", "adamerging"])
+def test_a_subspace_rule_and_a_rule_learning_from_server_text_run_two_clients_two_rounds(tiny_run, rule: str) -> None:
+    from fl.modeling.server_text import server_text
+
+    config, workbench, start, base_scores = tiny_run
+    (setting,) = settings([rule], {"adamerging-steps": 3} if rule == "adamerging" else {})
+    text = server_text(workbench.model, workbench.train_sets, batches=1, batch_size=8) if setting.rule.server_text else None
+    evaluator = CentralEvaluator(workbench.model, workbench.test_sets, rule, initial_scores=base_scores)
+
+    outcome = run_strategy(StrategyJob(replace(config, client_eval=False), setting, start, evaluator, server_text=text))
+
+    assert sorted(evaluator.history) == [0, 1, 2] and [len(h["clients"]) for h in outcome.client_history] == [2, 2]
+    key = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert (outcome.final_state[key] - start[key]).abs().max() > 0
+    if rule == "adamerging":  # each round learnt its coefficients and lowered the entropy on the server's text
+        notes = [c["adamerging-entropy"] for h in outcome.client_history for c in h["clients"]]
+        assert len(notes) == 4 and all(after < before for before, after in notes)

@@ -26,6 +26,7 @@ from fl.run.checkpoint import StrategyCheckpoint
 from fl.run.config import RunConfig
 from strategies.flower.strategy import RoundSettings, RuleStrategy
 from strategies.rules import RuleSetting
+from strategies.update import ServerText
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class StrategyJob:
     start: Mapping[str, torch.Tensor]  # the global model before round 1
     evaluator: CentralEvaluator | None  # None: the server holds no test data (``server-data = false``)
     checkpoint: StrategyCheckpoint | None = None  # where each completed round is saved; None: not saved
+    server_text: ServerText | None = None  # unlabelled text for a rule that learns from it (AdaMerging)
 
 
 @dataclass
@@ -83,7 +85,9 @@ class StrategyOutcome:
     error: BaseException | None = None
 
 
-def round_settings(config: RunConfig, in_flight: int | None, abandon: Callable[[list[str]], object] | None = None) -> RoundSettings:
+def round_settings(
+    config: RunConfig, in_flight: int | None, abandon: Callable[[list[str]], object] | None = None, server_text: ServerText | None = None
+) -> RoundSettings:
     """The strategy's view of the run: its federation, seed, reply policy and the limits of honest replies."""
     return RoundSettings(
         num_clients=config.num_clients,
@@ -97,6 +101,7 @@ def round_settings(config: RunConfig, in_flight: int | None, abandon: Callable[[
         clients_per_round=config.sampled_clients,
         in_flight=in_flight,
         abandon=abandon,
+        server_text=server_text,
     )
 
 
@@ -109,7 +114,7 @@ def run_on_grid(grid: Grid, job: StrategyJob, in_flight: int | None = None, watc
     """
     config, setting, evaluator, checkpoint = job.config, job.setting, job.evaluator, job.checkpoint
     initial_state = job.start
-    strategy = RuleStrategy(setting, round_settings(config, in_flight, watch.abandon if watch is not None else None))
+    strategy = RuleStrategy(setting, round_settings(config, in_flight, watch.abandon if watch is not None else None, job.server_text))
     done = checkpoint.load() if checkpoint is not None else None
     if done is not None:
         log.info("%s: resuming after round %d of %d", setting.name, done.server_round, config.rounds)

@@ -28,6 +28,7 @@ from fl.modeling.evaluation import Scores, evaluate, pooled_features
 from fl.modeling.folder import save_merged
 from fl.modeling.model import MultiHeadEncoder, build_model, cpu_state, domain_keys, load_tokenizer, num_attention_heads
 from fl.modeling.probe import fit_probe
+from fl.modeling.server_text import server_text
 from fl.modeling.training import train
 from fl.run import seeds
 from fl.run.config import RunConfig
@@ -123,7 +124,8 @@ def expert_updates(workbench: Workbench, setting: RuleSetting, experts: Mapping[
 def merge_updates(workbench: Workbench, setting: RuleSetting, start: State, updates: Sequence[ClientUpdate], seed: int) -> State:
     """``updates`` merged once by ``setting``'s rule from ``start``, as one round; keys no update holds (the heads of
     domains not merged) stay as in ``start``."""
-    context = MergeContext(1, seed, num_attention_heads(workbench.model_path))
+    text = server_text(workbench.model, workbench.train_sets) if setting.rule.server_text else None
+    context = MergeContext(1, seed, num_attention_heads(workbench.model_path), server_text=text)
     merged = dict(start)
     merged.update(setting.merge(start, list(updates), context))
     return merged

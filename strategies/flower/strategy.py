@@ -39,7 +39,7 @@ from strategies.flower.replies import ReplyPolicy, check_complete, check_evaluat
 from strategies.flower.sampling import sample_clients
 from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
 from strategies.rules import RuleSetting, check_client
-from strategies.update import ClientUpdate, MergeContext
+from strategies.update import ClientUpdate, MergeContext, ServerText
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class RoundSettings:
     clients_per_round: int | None = None  # None: every client trains every round
     in_flight: int | None = None  # messages sent ahead of their replies (simulation: a few per actor); None: all
     abandon: Callable[[list[str]], object] | None = None  # stops the clients of messages a round gave up on (by message id)
+    server_text: ServerText | None = None  # unlabelled text the server holds, for a rule that learns from it
 
 
 class RuleStrategy(FedAvg):
@@ -96,6 +97,7 @@ class RuleStrategy(FedAvg):
         self.setting = setting
         self.policy = ReplyPolicy(num_clients, settings.reply_timeout, settings.continue_on_loss, settings.max_examples, abandon=settings.abandon)
         self.num_heads = settings.num_heads
+        self.server_text = settings.server_text
         self.seed = settings.seed
         self.max_eval_examples = settings.max_eval_examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
@@ -215,7 +217,7 @@ class RuleStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
         usable = sorted(self.policy.usable(server_round, "train", list(replies)), key=lambda m: client_identity(m) or "")
-        context = MergeContext(server_round, self.seed, self.num_heads)
+        context = MergeContext(server_round, self.seed, self.num_heads, server_text=self.server_text)
         merged = dict(self.global_state)
         if self.stream is not None:
             streamed, updates = self.stream.finish(client_identity(m) or "" for m in usable)
