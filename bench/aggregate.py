@@ -42,7 +42,7 @@ from transformers import BertConfig, BertModel
 from strategies.aggregation import weighted_mean
 from strategies.flower.records import record_views
 from strategies.rules import RULES, RuleSetting, settings
-from strategies.update import ClientUpdate, MergeContext
+from strategies.update import ClientUpdate, MergeContext, ServerText
 
 MODELS = {
     "minilm-l6": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
@@ -120,17 +120,37 @@ def statistics_records(config: BertConfig, base: dict[str, torch.Tensor]) -> dic
     return {"fisher": ArrayRecord(fisher), "gram": ArrayRecord(grams)}
 
 
-def merge_with(setting: RuleSetting, base: dict[str, torch.Tensor], records: list[RecordDict], num_heads: int) -> ArrayRecord:
-    """What the server does with a round's replies for ``setting``'s rule."""
+Text = tuple[ServerText, list[dict[str, torch.Tensor]]]  # server text, and the head each domain's clients send
+
+
+def merge_with(setting: RuleSetting, base: dict[str, torch.Tensor], records: list[RecordDict], num_heads: int, text: Text | None = None) -> ArrayRecord:
+    """What the server does with a round's replies for ``setting``'s rule; a rule that learns from server text
+    (AdaMerging) gets it, and client i the head of domain i % 2, as clients send their own head."""
     statistic = setting.rule.statistic
+    heads = text[1] if text else [{}, {}]
     updates = [
-        ClientUpdate(f"client {i}", f"c{i}", record_views(r["arrays"]), float(r["metrics"]["num-examples"]),
+        ClientUpdate(f"client {i}", f"c{i}", {**record_views(r["arrays"]), **heads[i % 2]}, float(r["metrics"]["num-examples"]),
                      record_views(r[statistic.name]) if statistic else {})
         for i, r in enumerate(records)
     ]
-    merged = dict(base)
-    merged.update(setting.merge(base, updates, MergeContext(num_heads=num_heads)))
+    start = {**base, **heads[0], **heads[1]}
+    merged = dict(start)
+    merged.update(setting.merge(start, updates, MergeContext(num_heads=num_heads, server_text=text[0] if text else None)))
     return ArrayRecord(merged, keep_input=False)
+
+
+def bench_server_text(config: BertConfig) -> Text:
+    """Two domains of unlabelled text (random token ids, 2 batches of 16 x 64 tokens each) and the model that reads them."""
+    from fl.data.batches import Encoded
+    from fl.modeling.model import MultiHeadEncoder
+    from fl.modeling.server_text import server_text
+
+    model = MultiHeadEncoder(BertModel(config), {"d0": 3, "d1": 3})
+    heads = [{k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(f"heads.d{d}.")} for d in range(2)]
+    generator = torch.Generator().manual_seed(2)
+    ids = tuple(tuple(int(t) for t in torch.randint(1000, config.vocab_size, (64,), generator=generator)) for _ in range(32))
+    texts = {f"d{d}": Encoded(ids, torch.zeros(32, dtype=torch.long), 0) for d in range(2)}
+    return server_text(model, texts, batches=2, batch_size=16), heads
 
 
 def upload_bytes(record: RecordDict, stats: dict[str, ArrayRecord]) -> dict[str, int]:
@@ -149,7 +169,8 @@ def rule_cases(
     for setting in settings(rules, {}):
         times, peaks = [], []
         for _ in range(REPEATS):
-            seconds, peak_mb = measure(lambda: merge_with(setting, base, with_stats, config.num_attention_heads))
+            text = bench_server_text(config) if setting.rule.server_text else None
+            seconds, peak_mb = measure(lambda: merge_with(setting, base, with_stats, config.num_attention_heads, text))
             times.append(seconds)
             peaks.append(peak_mb)
             if seconds > SLOW_S:
