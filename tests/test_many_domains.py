@@ -76,7 +76,7 @@ def test_a_paired_mean_difference_is_exact_for_a_uniform_shift_and_zero_against_
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("many") / "run"
     argv = ["--quick", "--train-size", "40", "--test-size", "24", "--rules", "aligned,ties", "--federated", "0", "--sizes", "2", "--out", str(out)]
-    done = subprocess.run([sys.executable, str(ROOT / "sims" / "many_domains.py"), *argv], capture_output=True, text=True, timeout=900,
+    done = subprocess.run([sys.executable, str(ROOT / "sims" / "many_domains.py"), *argv], capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return out
