@@ -63,16 +63,16 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_a_client_asleep_past_the_timeout_fails_the_run_in_one_line_without_waiting_for_it(tmp_path: Path, tiny_model_dir, toy_csvs) -> None:
-    done = run_hostile("asleep", tmp_path, tiny_model_dir, toy_csvs, "--reply-timeout", "10")
+    done = run_hostile("asleep", tmp_path, tiny_model_dir, toy_csvs, "--reply-timeout", "45")
 
     assert done.returncode == 3, done.stderr[-3000:]
     (line,) = error_lines(done.stderr)
-    assert "round 2 train: 1 replies for 2 clients after the reply timeout of 10 s: no reply from node" in line and "(bio-0)" in line
+    assert "round 2 train: 1 replies for 2 clients after the reply timeout of 45 s: no reply from node" in line and "(bio-0)" in line
     assert "Traceback" not in done.stderr and "Traceback" in (tmp_path / "out" / "error.log").read_text()
 
 
 def test_with_continue_the_run_finishes_without_the_sleeper_and_records_its_drop(tmp_path: Path, tiny_model_dir, toy_csvs) -> None:
-    done = run_hostile("asleep", tmp_path, tiny_model_dir, toy_csvs, "--reply-timeout", "10", "--on-node-loss", "continue")
+    done = run_hostile("asleep", tmp_path, tiny_model_dir, toy_csvs, "--reply-timeout", "45", "--on-node-loss", "continue")
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr

@@ -44,6 +44,7 @@ from strategies.update import ClientUpdate, MergeContext, ServerText
 log = logging.getLogger(__name__)
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+ROLL_CALL_S = 600.0  # the least a roll call waits: it starts every client
 
 
 def per_domain_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -165,7 +166,9 @@ class RuleStrategy(FedAvg):
         return self.policy.sending([Message(record, dst_node_id=node, message_type=MessageType.TRAIN) for node in chosen])
 
     def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
-        """Ask the nodes whose client is not yet known which one they serve (a query without data)."""
+        """Ask the nodes whose client is not yet known which one they serve (a query without data). It is a node's
+        first message, which starts its client (in simulation a Ray actor importing torch: minutes on a loaded
+        machine), so it waits at least ROLL_CALL_S whatever the reply timeout."""
         unknown = [node for node in nodes if node not in self.policy.node_roles]
         if not unknown:
             return
@@ -173,7 +176,8 @@ class RuleStrategy(FedAvg):
         queries = [Message(record, dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
         self.policy.sending(queries)
         unwindowed = getattr(grid, "grid", grid)  # queries carry no weights: all at once, past the ReplyStream's window
-        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=self.policy.reply_timeout)))
+        timeout = max(self.policy.reply_timeout, ROLL_CALL_S)
+        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=timeout)))
 
     def on_reply(self, msg: Message) -> Message:
         """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
