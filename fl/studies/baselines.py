@@ -34,7 +34,7 @@ from fl.run import seeds
 from fl.run.config import RunConfig
 from fl.run.phases import PhaseClock
 from strategies.rules import RuleSetting, settings
-from strategies.update import ClientUpdate, MergeContext
+from strategies.update import ClientUpdate, MergeContext, ServerText
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ class Workbench:
         """`state` scored on every domain's test set, or on `domains` only."""
         self.model.load_state_dict(state)
         return {d: evaluate(self.model, d, self.test_sets[d]) for d in (self.test_sets if domains is None else domains)}
+
+    def text_for(self, setting: RuleSetting) -> ServerText | None:
+        """The unlabelled text the server holds, for a rule that learns its merge from it (AdaMerging); else None."""
+        return server_text(self.model, self.train_sets) if setting.rule.server_text else None
 
     def save(self, state: Mapping[str, torch.Tensor], folder: Path) -> None:
         """`state` as a model folder that ``AutoModel.from_pretrained`` (and ``load_merged``) reads."""
@@ -124,8 +128,7 @@ def expert_updates(workbench: Workbench, setting: RuleSetting, experts: Mapping[
 def merge_updates(workbench: Workbench, setting: RuleSetting, start: State, updates: Sequence[ClientUpdate], seed: int) -> State:
     """``updates`` merged once by ``setting``'s rule from ``start``, as one round; keys no update holds (the heads of
     domains not merged) stay as in ``start``."""
-    text = server_text(workbench.model, workbench.train_sets) if setting.rule.server_text else None
-    context = MergeContext(1, seed, num_attention_heads(workbench.model_path), server_text=text)
+    context = MergeContext(1, seed, num_attention_heads(workbench.model_path), server_text=workbench.text_for(setting))
     merged = dict(start)
     merged.update(setting.merge(start, list(updates), context))
     return merged

@@ -16,7 +16,6 @@ from fl.data.splits import DomainData
 from fl.federation.rounds import CentralEvaluator, StrategyJob, StrategyRunner, read_back, run_and_save
 from fl.federation.simulation import run_strategy
 from fl.modeling.evaluation import Scores
-from fl.modeling.server_text import server_text
 from fl.run import files
 from fl.run.checkpoint import RunFolder
 from fl.run.config import RunConfig
@@ -100,8 +99,7 @@ def run_strategies(
     for setting in strategies:
         name = setting.name
         evaluator = CentralEvaluator(workbench.model, workbench.test_sets, name, initial_scores=base_scores)
-        text = server_text(workbench.model, workbench.train_sets) if setting.rule.server_text else None
-        job = StrategyJob(config, setting, start, evaluator, folder.strategy(name), text)
+        job = StrategyJob(config, setting, start, evaluator, folder.strategy(name), workbench.text_for(setting))
         outcome = read_back(job)
         if outcome is None:
             with clock.phase(f"strategy {name}: Flower simulation, {config.num_clients} clients x {config.rounds} rounds"):
