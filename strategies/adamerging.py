@@ -55,7 +55,7 @@ def adamerging(global_state: State, clients: Clients, context: MergeContext, *, 
     entropies = []
     for step in range(steps):
         loss = mean_entropy(text, state_at(coefficients), domains, step)
-        entropies.append(float(loss))
+        entropies.append(float(loss.detach()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

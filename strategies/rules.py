@@ -79,6 +79,8 @@ class Rule:
     streams: bool = False  # a weighted mean of the states: merged one reply at a time as replies arrive (strategies.flower.streaming)
     deltas: bool = False  # merges differences from the global state: a one-shot merge needs the experts' common base
     server_text: bool = False  # learns from unlabelled text the server holds (MergeContext.server_text): refused without it
+    adapters: str = "products"  # how it merges LoRA adapters (strategies.lora): "factors", "frozen-a", "products", "" = it cannot
+    adapters_only: bool = False  # a rule for LoRA adapters alone (ffa, lora-exact): refused without them
 
     def key(self, option: Option) -> str:
         return f"{self.name}-{option.name}"
@@ -98,14 +100,44 @@ class Rule:
                     raise UpdateError(f"{client.name}: sent no '{self.statistic.name}' statistics, which {self.name} needs")
                 self.statistic.check(client.state, client.statistics, client.name)
         arguments = {o.parameter: values[o.name] for o in self.options if o.name not in self.client_options}
+        from strategies.lora import has_adapters
+
+        if self.adapters != "factors" and has_adapters(global_state):
+            return self.merge_adapters(global_state, clients, context, arguments)
         return self.function(global_state, clients, context, **arguments)
+
+    def merge_adapters(self, global_state: State, clients: Clients, context: MergeContext, arguments: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """A merge of LoRA adapters the way this rule declares (strategies.lora)."""
+        from strategies.aggregation import UpdateError
+        from strategies.lora import check_frozen_a, merge_products
+
+        if self.adapters == "products":
+            return merge_products(self.function, global_state, clients, context, arguments)
+        if self.adapters == "frozen-a":
+            check_frozen_a(clients)
+            return self.function(global_state, clients, context, **arguments)
+        raise UpdateError(f"{self.name} cannot merge LoRA adapters: {ADAPTER_REFUSALS.get(self.name, 'it merges full weights')}")
 
     def client_config(self, values: Mapping[str, OptionValue]) -> dict[str, OptionValue | str]:
         """What clients must know to train for this rule: its client-side options and the statistic to send."""
         config: dict[str, OptionValue | str] = {key: values[name] for name, key in self.client_options.items()}
         if self.statistic is not None:
             config["statistic"] = self.statistic.name
+        if self.adapters == "frozen-a":
+            config["freeze-lora-a"] = True
         return config
+
+
+def check_adapters(strategies: Sequence[RuleSetting], peft: str) -> None:
+    """Refuse, before any work, a rule that cannot merge LoRA adapters under ``--peft lora``, and an adapter-only
+    rule without it."""
+    for setting in strategies:
+        rule = setting.rule
+        if peft != "none" and not rule.adapters:
+            usable = ", ".join(r.name for r in RULES.values() if r.adapters)
+            raise OptionError(f"strategy '{setting.name}' cannot merge LoRA adapters ({ADAPTER_REFUSALS[rule.name]}): with --peft {peft} expected one of {usable}")
+        if peft == "none" and rule.adapters_only:
+            raise OptionError(f"strategy '{setting.name}' merges LoRA adapters: expected --peft lora, or another rule")
 
 
 def check_server_text(strategies: Sequence[RuleSetting], server_data: bool) -> None:
@@ -130,6 +162,13 @@ LAMBDA = Option("lambda", float, 1.0, "scale of the merged delta added to the gl
 DROP = Option("drop", float, 0.9, "probability of dropping each delta coordinate (survivors scaled by 1/(1-drop))", 0.0, 1.0, high_open=True)
 BATCHES = Option("batches", int, 4, "training batches each client computes its statistic over, every round", 1, 10_000)
 
+ADAPTER_REFUSALS = {  # why a rule with adapters="" cannot merge LoRA adapters
+    "aligned": "it permutes the hidden units of full weights, which adapters on a frozen base cannot follow",
+    "fisher": "its Fisher is of the full weights",
+    "regmean": "its Gram matrices solve for full linear layers",
+    "adamerging": "it learns coefficients over full-weight deltas at the server",
+}
+
 RULES: Mapping[str, Rule] = {
     rule.name: rule
     for rule in [
@@ -137,6 +176,7 @@ RULES: Mapping[str, Rule] = {
             "fedavg", Deferred("strategies.averaging:average"), "weighted mean of the clients' weights, key by key", "McMahan et al. 2017",
             "1 model copy (float32 sums)", "the reference; clients fine-tuned from one shared start",
             streams=True,
+            adapters="factors",
         ),
         Rule(
             "fedprox", Deferred("strategies.averaging:average"), "FedAvg's merge; clients add mu/2 x their squared distance to the global weights to their loss", "Li et al. 2020",
@@ -145,12 +185,26 @@ RULES: Mapping[str, Rule] = {
             client_options={"mu": "proximal-mu"},
             one_shot=False,
             streams=True,
+            adapters="factors",
+        ),
+        Rule(
+            "ffa", Deferred("strategies.averaging:average"), "FedAvg of the LoRA B factors; every client keeps A frozen at the shared seeded start (exact mean update)",
+            "Sun et al. 2024 (FFA-LoRA)", "1 adapter copy", "LoRA clients: the exact mean update at half the adapter bytes, with half the trainable weights",
+            adapters="frozen-a",
+            adapters_only=True,
+        ),
+        Rule(
+            "lora-exact", Deferred("strategies.averaging:average"), "weighted mean of the LoRA updates scale x B A per module, re-factored to the adapter rank by truncated SVD",
+            "Bai et al. 2024 (FlexLoRA)", "1 dense update per adapted module; one SVD each",
+            "LoRA clients that train both factors: the mean of the updates, not of the factors",
+            adapters_only=True,
         ),
         Rule(
             "aligned", Deferred("strategies.permutation:aligned"), "weight-match each client to the global model (heads, FFN units), then FedAvg",
             "Ainsworth et al. 2023 (Git Re-Basin)", "1 model copy + one aligned client at a time",
             "clients that did not start from one shared model (independent runs, --init permuted)",
             options=(Option("residual", bool, True, "also permute the residual stream (embeddings, LayerNorms, heads)"),),
+            adapters="",
         ),
         Rule(
             "task-arithmetic", Deferred("strategies.task_vectors:task_arithmetic"), "global + lambda x weighted mean of the deltas (lambda 1 = FedAvg)",
@@ -227,6 +281,7 @@ RULES: Mapping[str, Rule] = {
             ),
             deltas=True,
             server_text=True,
+            adapters="",
         ),
         Rule(
             "fisher", Deferred("strategies.fisher:fisher_average"), "per coordinate sum w F theta / sum w F, F each client's diagonal Fisher",
@@ -234,6 +289,7 @@ RULES: Mapping[str, Rule] = {
             options=(BATCHES, Option("floor", float, 1e-6, "lower bound of every Fisher value (no information -> FedAvg)", 0.0, 1.0, low_open=True)),
             client_options={"batches": "statistic-batches"},
             statistic=FISHER,
+            adapters="",
         ),
         Rule(
             "regmean", Deferred("strategies.regmean:regmean"), "per linear layer the least-squares merge (sum w G)^-1 sum w G W, the rest FedAvg",
@@ -241,6 +297,7 @@ RULES: Mapping[str, Rule] = {
             options=(BATCHES, Option("alpha", float, 0.9, "scale of each Gram's off-diagonal entries (1: exact least squares)", 0.0, 1.0)),
             client_options={"batches": "statistic-batches"},
             statistic=GRAM,
+            adapters="",
         ),
         Rule(
             "median", Deferred("strategies.robust:median"), "coordinate-wise median of the clients' values, key by key (unweighted)",
@@ -353,8 +410,8 @@ def settings(entries: Sequence[str], values: Mapping[str, object]) -> list[RuleS
 def markdown_table() -> str:
     """The table of rules of docs/merge-rules.md, made from the registry."""
     lines = [
-        "| rule | what the server does | options (default; range) | clients send | server memory | when to use |",
-        "|---|---|---|---|---|---|",
+        "| rule | what the server does | options (default; range) | clients send | server memory | when to use | LoRA adapters (`--peft lora`) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rule in RULES.values():
         options = "<br>".join(
@@ -362,8 +419,18 @@ def markdown_table() -> str:
             for o in rule.options
         )
         sends = "weights" + (f" + {rule.statistic.describe}" if rule.statistic else "") + (" (the server needs unlabelled text)" if rule.server_text else "")
-        lines.append(f"| `{rule.name}` ({rule.paper}) | {rule.summary} | {options or '-'} | {sends} | {rule.memory} | {rule.use_when} |")
+        lines.append(f"| `{rule.name}` ({rule.paper}) | {rule.summary} | {options or '-'} | {sends} | {rule.memory} | {rule.use_when} | {adapter_text(rule)} |")
     return "\n".join(lines) + "\n"
+
+
+def adapter_text(rule: Rule) -> str:
+    """What the table of rules says a rule does with LoRA adapters."""
+    only = " (adapters only)" if rule.adapters_only else ""
+    return {
+        "factors": "A and B merged separately (FedIT: not the mean update)",
+        "frozen-a": "B only, A frozen" + only,
+        "products": "on each module's update scale x B A, re-factored to the rank by SVD" + only,
+    }.get(rule.adapters) or f"refused: {ADAPTER_REFUSALS[rule.name]}"
 
 
 if __name__ == "__main__":

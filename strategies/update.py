@@ -54,7 +54,9 @@ class MergeContext:
     seed: int = 0
     num_heads: int | None = None  # attention heads per layer: permutation-aware rules need it
     server_text: ServerText | None = None  # None: the server holds no text (``server-data = false``)
-    notes: dict[str, dict[str, object]] = field(default_factory=dict)
+    adapter_scale: float = 1.0  # LoRA's alpha / rank: a module's update is adapter_scale * B @ A (strategies.lora)
+    notes: dict[str, dict[str, object]] = field(default_factory=dict)  # per client (by name)
+    round_notes: dict[str, object] = field(default_factory=dict)  # about the whole merge
 
     def generator(self, identity: str, key: str = "") -> torch.Generator:
         """A generator seeded by the run's seed, the round, the client and (optionally) the parameter, so a
