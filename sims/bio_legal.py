@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fl.federation.capacity import check_fits
     from fl.federation.simulation import SimulationResources, check_resources, run_strategy
+    from fl.modeling.lora import check_lora
     from fl.modeling.model import check_model
     from fl.run.checkpoint import RunFolder, check_out, run_identity
     from fl.run.domains import load_domains
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(Path(args.out), identity, args.resume, args.overwrite)
         check_resources(resources, config.num_clients)  # the cluster is reachable and can host a client (a GPU if asked)
         model_path = check_model(config.model, config.max_length)
+        check_lora(config.lora_settings(), model_path)
         statistics = tuple(s.rule.statistic.name for s in strategies if s.rule.statistic)
         streamed = all(s.rule.streams for s in strategies)
         cluster = resources.cluster_address() is not None

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fl.federation.capacity import check_fits
     from fl.federation.simulation import SimulationResources, check_resources, run_strategy
+    from fl.modeling.lora import check_lora
     from fl.modeling.model import check_model
     from fl.run.checkpoint import RunFolder, check_out, run_identity
     from fl.run.domains import load_domains
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         resources = SimulationResources()
         check_resources(resources, config.num_clients)
         model_path = check_model(config.model, config.max_length)
+        check_lora(config.lora_settings(), model_path)
         statistics = tuple(s.rule.statistic.name for s in settings if s.rule.statistic)
         check_fits(config, str(model_path), statistics=statistics, streamed=False, client_cpus=resources.cpus_per_client, cluster=False)
         data = load_domains(config)

@@ -22,7 +22,8 @@ without the adapter name); every other key (the domain heads) is merged as the r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,39 @@ def adapter_modules(state: State) -> list[Module]:
     return modules
 
 
-def has_adapters(state: State) -> bool:
-    return any(A_PART in key for key in state)
+def has_adapters(keys: Iterable[str]) -> bool:
+    """Whether a state (or its keys) holds LoRA factors."""
+    return any(A_PART in key for key in keys)
+
+
+def trained_by_lora(key: str, freeze_a: bool) -> bool:
+    """Whether an encoder key trains (and is sent) under LoRA: the adapters' factors, B only with A frozen."""
+    return B_PART in key or (A_PART in key and not freeze_a)
+
+
+def client_keys(keys: Iterable[str], domain: str, *, freeze_a: bool = False, embeddings: bool = True) -> list[str]:
+    """The keys a client of `domain` trains and sends: its own head and the encoder, without the word embeddings
+    when they stay home (frozen, so equal to the server's), or with adapters only their factors (B alone with A
+    frozen)."""
+    keys = list(keys)
+    head = f"heads.{domain}."
+    adapters = has_adapters(keys)
+
+    def trained(key: str) -> bool:
+        if adapters:
+            return trained_by_lora(key, freeze_a)
+        return embeddings or "word_embeddings" not in key
+
+    return [k for k in keys if k.startswith(head) or (k.startswith("encoder.") and trained(k))]
+
+
+def sent_down(keys: Iterable[str]) -> list[str]:
+    """The keys of the global state the server sends: with adapters, all but the frozen base (which every client
+    loads itself), else all."""
+    keys = list(keys)
+    if not has_adapters(keys):
+        return keys
+    return [k for k in keys if not k.startswith("encoder.") or A_PART in k or B_PART in k]
 
 
 def update_of(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -121,3 +153,14 @@ def check_frozen_a(clients: Clients) -> None:
         sent = next((key for key in client.state if A_PART in key), None)
         if sent is not None:
             raise UpdateError(f"{client.name}: sent '{sent}', an A factor, which ffa keeps frozen at the shared start: expected B factors and the head only")
+
+
+def base_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of the frozen base weights (every encoder tensor but the adapters): a client that loads the base
+    itself checks it against the server's, so a different download or revision is refused before training."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        if key.startswith("encoder.") and A_PART not in key and B_PART not in key:
+            digest.update(key.encode())
+            digest.update(state[key].detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

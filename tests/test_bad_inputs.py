@@ -42,6 +42,12 @@ CASES = [
     (["--strategies", "fedprox", "--fedprox-mu", "inf"], {}, "fedprox-mu inf: expected a number >= 0"),
     (["--strategies", "ties", "--ties-density", "0"], {}, "ties-density 0: expected a number > 0 and <= 1"),
     (["--strategies", "fedavg", "--ties-density", "0.3"], {}, "--ties-density is an option of ties, which --strategies fedavg does not select"),
+    # LoRA clients (--peft lora)
+    (["--peft", "qlora"], {}, "--peft qlora: expected one of none, lora"),
+    (["--peft", "lora", "--lora-rank", "0"], {}, "--lora-rank 0: expected an integer >= 1"),
+    (["--peft", "lora", "--model", "{tiny}", "--lora-targets", "query,nope"], {}, "--lora-targets query,nope: the bert encoder has no linear layer 'nope'"),
+    (["--peft", "lora", "--strategies", "fedavg,aligned"], {}, "strategy 'aligned' cannot merge LoRA adapters (it permutes"),
+    (["--strategies", "ffa"], {}, "strategy 'ffa' merges LoRA adapters: expected --peft lora"),
     # the run's domains (--domain NAME=SOURCE, repeatable)
     (["--domain", "bio=hpo"], {}, "--domain bio=hpo: 1 domain given; expected at least two to merge"),
     (["--domain", "bio"], {}, "--domain bio: expected NAME=SOURCE[,text=COLUMN][,label=COLUMN][,group=COLUMN]"),

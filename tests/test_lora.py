@@ -81,6 +81,12 @@ def test_a_delta_rule_runs_on_the_updates_and_task_arithmetic_at_1_is_lora_exact
     assert ties[A].shape == global_state[A].shape and ties[B].shape == global_state[B].shape
 
 
+def test_an_adapter_of_another_rank_is_refused_naming_the_client():
+    global_state, states = factors(0, rank=2), [factors(1, rank=2), factors(2, rank=3)]
+    with pytest.raises(UpdateError, match=r"node 1 \(bio-1\): key 'enc.q.lora_A.default.weight' has shape \(3, 4\), expected \(2, 4\)"):
+        merge("lora-exact", global_state, states)
+
+
 def test_refactor_of_nothing_keeps_a_live_a():
     b, a, dropped = refactor(torch.zeros(5, 4), 2, SCALE)
     assert torch.count_nonzero(b) == 0 and dropped == 0.0

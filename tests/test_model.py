@@ -34,6 +34,19 @@ def test_client_state_holds_encoder_and_only_own_head(tiny_model_dir: Path) -> N
     assert any(k.startswith("encoder.") for k in state)
 
 
+def test_frozen_word_embeddings_stay_home_and_halve_a_reply(tiny_model_dir: Path, toy_csvs) -> None:
+    from tests.conftest import tiny_run_config
+
+    model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0)
+    frozen = tiny_run_config(tiny_model_dir, toy_csvs)
+    full, home = client_state(model, "bio"), client_state(model, "bio", embeddings=frozen.sends_word_embeddings)
+
+    assert set(full) - set(home) == {"encoder.embeddings.word_embeddings.weight"}
+    assert sum(v.numel() for v in home.values()) < 0.5 * sum(v.numel() for v in full.values())  # 30522 x 32 of the tiny model
+    assert tiny_run_config(tiny_model_dir, toy_csvs, init="permuted").sends_word_embeddings  # each client's own permutation
+    assert tiny_run_config(tiny_model_dir, toy_csvs, freeze_word_embeddings=False).sends_word_embeddings
+
+
 def test_states_leaving_the_model_are_cpu_copies_that_later_training_leaves_alone(tiny_model_dir: Path) -> None:
     model = build_model(str(tiny_model_dir), {"bio": 3, "legal": 2}, seed=0, device="cpu")
 

@@ -25,7 +25,7 @@ from fl.run.versions import package_versions
 from fl.studies.experiment import run_experiment
 from fl.studies.federated_run import run_federated
 from strategies.options import parse_bool
-from strategies.rules import RuleSetting, check_server_text, parse_names, settings
+from strategies.rules import RuleSetting, check_adapters, check_server_text, parse_names, settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def app_options(run_config: Mapping[str, object]) -> AppOptions:
         raise ConfigError(f"out '{record.app['out']}' is relative: expected an absolute path (or one starting with ~)")
     parse_partition_scheme(record.config.partition)
     check_server_text(strategies, record.config.server_data)
+    check_adapters(strategies, record.config.peft)
     resume, overwrite = (parse_bool(key, record.app.get(key, "false")) for key in ("resume", "overwrite"))
     check_out(out, run_identity(record.config, strategies), resume, overwrite)
     return AppOptions(record.config, strategies, out, resume, overwrite)

@@ -33,7 +33,9 @@ from fl.federation.permuted_init import client_start
 from fl.modeling.attacks import flipped_labels, poison
 from fl.modeling.client_statistics import STATISTICS, client_statistic
 from fl.modeling.evaluation import evaluate
-from fl.modeling.model import MultiHeadEncoder, build_skeleton, client_state, load_tokenizer, resolve_model
+from fl.modeling.lora import add_adapters, load_received
+from fl.modeling.model import MultiHeadEncoder, build_model, build_skeleton, client_state, load_tokenizer, resolve_model
+from fl.modeling.train_settings import LoraSettings
 from fl.modeling.training import train
 from fl.run import seeds
 from fl.run.config import ConfigError, RunConfig, split_run_config
@@ -114,16 +116,23 @@ def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels:
     sizes = head_sizes(state)
     if sizes.get(role.domain) != num_labels:
         raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
-    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device)
-    model.load_state_dict(state)
+    lora = config.lora_settings()
+    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device, lora, seeds.adapter_start(config.seed))
+    if lora is None:
+        model.load_state_dict(state)
+    else:
+        load_received(model, state, str(msg.content["config"].get("base-digest", "")))
     return model
 
 
 @lru_cache(maxsize=1)
-def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str) -> MultiHeadEncoder:
+def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str, lora: LoraSettings | None, adapter_seed: int) -> MultiHeadEncoder:
     """One model per process, reloaded with each message's weights: building it from the config cost 0.3-0.6 s a
-    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards)."""
-    return build_skeleton(model_path, dict(sizes), device)
+    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards). With LoRA
+    the base is loaded here, from this node's own model files (the server sends only adapters and heads)."""
+    if lora is None:
+        return build_skeleton(model_path, dict(sizes), device)
+    return add_adapters(build_model(model_path, dict(sizes), adapter_seed, device), lora, adapter_seed)
 
 
 def use_granted_threads() -> None:
@@ -161,11 +170,13 @@ def train_reply(cfg: RunConfig, role: ClientRole, msg: Message) -> Message:
             log.info("client %s round %d step %d/%d loss %.4f", tag, server_round, step + 1, cfg.local_steps, loss)
 
     seed = seeds.client_training(cfg.seed, server_round, cfg.domains.index(role.domain), role.partition_id)
-    settings = cfg.train_settings(proximal_mu=float(train_config.get("proximal-mu", 0.0)))
+    freeze_a = bool(train_config.get("freeze-lora-a", False))
+    settings = cfg.train_settings(proximal_mu=float(train_config.get("proximal-mu", 0.0)), freeze_lora_a=freeze_a)
     attack = cfg.attack_of(role.domain, role.partition_id)  # None for an honest client; --attack is a measurement tool
-    received = client_state(model, role.domain) if attack else {}
+    sent = {"freeze_lora_a": freeze_a, "embeddings": cfg.sends_word_embeddings}
+    received = client_state(model, role.domain, **sent) if attack else {}
     report = train(model, [(role.domain, training_set(cfg, role))], settings, seed, progress)
-    trained = client_state(model, role.domain)
+    trained = client_state(model, role.domain, **sent)
     content = RecordDict(
         {
             "arrays": ArrayRecord(poison(attack, received, trained, seed) if attack else trained),

@@ -102,6 +102,8 @@ def round_settings(
         in_flight=in_flight,
         abandon=abandon,
         server_text=server_text,
+        adapter_scale=config.adapter_scale,
+        embeddings_sent=config.sends_word_embeddings,
     )
 
 
@@ -195,3 +197,4 @@ def make_server_app(job: StrategyJob, outcome: StrategyOutcome, in_flight: int |
         outcome.final_state, outcome.client_history, outcome.client_evaluations = done.final_state, done.client_history, done.client_evaluations
 
     return app
+

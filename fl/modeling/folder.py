@@ -1,6 +1,7 @@
 """fedmerge's model folder: how a saved expert, merged or distilled model lies on disk.
 
-The encoder in Hugging Face format (``save_pretrained``), so ``AutoModel``/``AutoTokenizer`` load it as is; the
+The encoder in Hugging Face format (``save_pretrained``; LoRA adapters folded into its weights, and also alone in
+``adapter/`` for ``PeftModel.from_pretrained``), so ``AutoModel``/``AutoTokenizer`` load it as is; the
 heads in ``heads.safetensors`` and their labels in ``fedmerge.json``; and, when the base encoder is a
 sentence-transformers model (Reimers & Gurevych 2019, Sentence-BERT; the default all-MiniLM-L6-v2 is one), the
 base's sentence-transformers files, so ``SentenceTransformer(folder)`` loads the new weights with the base's
@@ -19,6 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedTokenizerBase
 
+from fl.modeling.lora import PEFT_FOLDER, adapted, folded_encoder_state, save_adapter
 from fl.modeling.model import MultiHeadEncoder
 
 HEADS_FILE = "heads.safetensors"
@@ -50,13 +52,17 @@ def save_merged(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.encoder.save_pretrained(out)
+    base = model.encoder.name_or_path
+    if adapted(model):  # the adapters folded in, and alone as a PEFT folder
+        model.encoder.save_pretrained(out, state_dict=folded_encoder_state(model))
+        save_adapter(model, out / PEFT_FOLDER, base)
+    else:
+        model.encoder.save_pretrained(out)
     tokenizer.save_pretrained(out)
     heads = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.heads.state_dict().items()}
     save_file(heads, str(out / HEADS_FILE))
     meta = {"pooling": "mean", "domains": {d: {"labels": list(label_names[d])} for d in model.domains}}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    base = model.encoder.name_or_path
     if base and Path(base).is_dir() and Path(base).resolve() != out.resolve():
         for name in sentence_files(Path(base)):
             (out / name).parent.mkdir(parents=True, exist_ok=True)

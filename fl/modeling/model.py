@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl.modeling.errors import ModelError
+from strategies.lora import client_keys
 
 DEFAULT_MODEL = "default"
 
@@ -163,19 +164,13 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def domain_keys(state: Mapping[str, torch.Tensor], domain: str) -> list[str]:
-    """The keys a client of `domain` trains and sends: the encoder and its own head."""
-    head = f"heads.{domain}."
-    return [k for k in state if k.startswith("encoder.") or k.startswith(head)]
-
-
 def cpu_state(model: MultiHeadEncoder) -> dict[str, torch.Tensor]:
     """A copy of every weight on the CPU, whatever the model's device: what leaves a model (a start, an expert, a
     reply, a checkpoint) is CPU tensors, so strategies, records and files never see a GPU tensor."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def client_state(model: MultiHeadEncoder, domain: str) -> dict[str, torch.Tensor]:
-    """The weights a client of `domain` sends (``domain_keys``), copied to the CPU (only those: a reply per message)."""
+def client_state(model: MultiHeadEncoder, domain: str, *, freeze_lora_a: bool = False, embeddings: bool = True) -> dict[str, torch.Tensor]:
+    """The weights a client of `domain` sends (``strategies.lora.client_keys``), copied to the CPU (only those: a reply per message)."""
     state = model.state_dict()
-    return {k: state[k].detach().to("cpu", copy=True) for k in domain_keys(state, domain)}
+    return {k: state[k].detach().to("cpu", copy=True) for k in client_keys(state, domain, freeze_a=freeze_lora_a, embeddings=embeddings)}

@@ -20,6 +20,7 @@ from torch import nn
 from fl.data.batches import Batch, Encoded, collate, training_batches
 from fl.modeling.model import MultiHeadEncoder
 from fl.modeling.train_settings import SCHEDULES, TrainSettings
+from strategies.lora import has_adapters, trained_by_lora
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,17 @@ class TrainReport:
 
 
 def trainable_parameters(model: MultiHeadEncoder, domains: Sequence[str], settings: TrainSettings) -> dict[str, nn.Parameter]:
-    """The named parameters this training touches: the encoder (minus frozen parts) and the given heads."""
+    """The named parameters this training touches: the encoder (minus frozen parts; only the adapters of a model
+    with LoRA adapters) and the given heads."""
+    named = dict(model.named_parameters())
+    adapters = has_adapters(named)
     chosen: dict[str, nn.Parameter] = {}
-    for name, param in model.named_parameters():
+    for name, param in named.items():
         if name.startswith("heads."):
             if name.split(".")[1] in domains:
+                chosen[name] = param
+        elif adapters:
+            if trained_by_lora(name, settings.freeze_lora_a):
                 chosen[name] = param
         elif not (settings.freeze_word_embeddings and "word_embeddings" in name):
             chosen[name] = param

@@ -24,7 +24,7 @@ from fl.data.user_files import DataError
 from fl.modeling.errors import ModelError
 from fl.run.config import ConfigError, RunConfig
 from strategies.options import OptionError
-from strategies.rules import RULES, RuleSetting, inline_values, option_keys, parse_names, settings
+from strategies.rules import RULES, RuleSetting, check_adapters, inline_values, option_keys, parse_names, settings
 
 INPUT_ERRORS = (OptionError, DataError, ModelError)  # what a user can fix: printed as one line, exit code 2
 QUICK = {"train_size": 240, "test_size": 160, "max_length": 32, "rounds": 2, "local_steps": 3}  # --quick: a smoke run
@@ -77,6 +77,11 @@ def run_options(description: str, script_defaults: Mapping[str, object] | None =
         "(global - F*update), noise:SIGMA:COUNT (trained + Gaussian noise), label-flip:COUNT (train on deranged labels); "
         "COUNT clients drawn with --seed attack, results.json names them",
     )
+    option("--peft", "none (full fine-tuning), or lora: clients train and send LoRA adapters and their head; the base stays frozen")
+    option("--lora-rank", "rank of every LoRA adapter", type=int)
+    option("--lora-alpha", "LoRA's alpha: an adapter's update is alpha / rank x B A", type=float)
+    option("--lora-dropout", "dropout on each adapter's input", type=float)
+    option("--lora-targets", "comma-separated module names that get adapters; '' = the attention's query and value")
     option("--device", "torch device of training and scoring: cpu, cuda, cuda:1...; refused when this machine lacks it")
     option("--reply-timeout", "seconds a round waits for its replies (and for a lost node to come back)", type=float)
     option("--on-node-loss", "a client lost mid-run: fail the run naming it, or continue with the others")
@@ -130,7 +135,9 @@ def rule_settings(args: argparse.Namespace) -> list[RuleSetting]:
         rule = keys[key][0].name
         if rule not in selected:
             raise OptionError(f"--{key} is an option of {rule}, which --strategies {args.strategies} does not select")
-    return settings(entries, given)
+    chosen = settings(entries, given)
+    check_adapters(chosen, vars(args).get("peft", RunConfig().peft))
+    return chosen
 
 
 def add_spread_options(p: argparse.ArgumentParser, offsets: str) -> None:

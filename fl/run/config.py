@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from fl.modeling.attacks import AttackSpec, client_name, draw_attackers, parse_attack
-from fl.modeling.train_settings import SCHEDULES, TrainSettings
+from fl.modeling.train_settings import SCHEDULES, LoraSettings, TrainSettings
 from strategies.options import OptionError, parse_bool
 from strategies.rules import option_keys
 
 INITS = ("shared", "permuted")
+PEFT = ("none", "lora")
 DOMAIN_NAME = re.compile(r"[a-z0-9_-]+")  # a domain's name is also a key prefix ("heads.<name>."), a client name and a file name
 DOMAIN_FORM = "NAME=SOURCE[,text=COLUMN][,label=COLUMN][,group=COLUMN]"
 COLUMN_KEYS = ("text", "label", "group")
@@ -86,6 +87,11 @@ class RunConfig:
     reply_timeout: float = 3600.0  # seconds the server waits for a round's replies, or for a lost node to come back
     on_node_loss: str = "fail"  # a node that drops mid-run: 'fail' the run naming it, or 'continue' with the rest
     attack: str = ""  # 'KIND:...:COUNT' clients send poisoned updates, to measure a rule's robustness (fl.modeling.attacks); '' = none
+    peft: str = "none"  # 'lora': clients train and send LoRA adapters (fl.modeling.lora) and their head; the base stays frozen
+    lora_rank: int = 8  # FlowerTune's encoder recipes and the LoRA paper's GLUE runs use 8
+    lora_alpha: float = 16.0  # the update is alpha / rank x B A: scale 2, as those recipes
+    lora_dropout: float = 0.05  # on each adapter's input
+    lora_targets: str = ""  # comma-separated module names; '' = the attention's query and value (PEFT's default for BERT-like encoders)
     device: str = "cpu"  # torch device of client training and server evaluation: cpu, cuda, cuda:1...
     seed: int = 0
 
@@ -122,7 +128,26 @@ class RunConfig:
         value = float(text)
         return int(value) if value >= 1 else max(1, round(value * self.num_clients))
 
-    def train_settings(self, steps: int | None = None, proximal_mu: float = 0.0) -> TrainSettings:
+    def lora_settings(self) -> LoraSettings | None:
+        """The adapters' shape with --peft lora, else None (full fine-tuning)."""
+        if self.peft == "none":
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, targets)
+
+    @property
+    def sends_word_embeddings(self) -> bool:
+        """Whether a client's reply holds the word embeddings: only when it trains them, or when --init permuted
+        gave each client its own permutation of them (which aligned merging needs); else they stay home."""
+        return not self.freeze_word_embeddings or self.init == "permuted"
+
+    @property
+    def adapter_scale(self) -> float:
+        """LoRA's alpha / rank with --peft lora (what merging the adapters' updates scales B A by), else 1."""
+        lora = self.lora_settings()
+        return 1.0 if lora is None else lora.scale
+
+    def train_settings(self, steps: int | None = None, proximal_mu: float = 0.0, freeze_lora_a: bool = False) -> TrainSettings:
         return TrainSettings(
             steps=self.local_steps if steps is None else steps,
             batch_size=self.batch_size,
@@ -131,6 +156,7 @@ class RunConfig:
             proximal_mu=proximal_mu,
             freeze_word_embeddings=self.freeze_word_embeddings,
             schedule=self.lr_schedule,
+            freeze_lora_a=freeze_lora_a,
         )
 
     def attackers(self) -> list[str]:
@@ -167,6 +193,7 @@ class RunConfig:
             raise ConfigError(f"--reply-timeout {self.reply_timeout}: expected a finite number of seconds > 0")
         if self.on_node_loss not in NODE_LOSS:
             raise ConfigError(f"--on-node-loss {self.on_node_loss}: expected one of {', '.join(NODE_LOSS)}")
+        self.check_peft()
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
         check_clients_per_round(self.clients_per_round, self.num_clients)
@@ -176,6 +203,18 @@ class RunConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return self
+
+    def check_peft(self) -> None:
+        if self.peft not in PEFT:
+            raise ConfigError(f"--peft {self.peft}: expected one of {', '.join(PEFT)}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank {self.lora_rank}: expected an integer >= 1")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"--lora-alpha {self.lora_alpha}: expected a finite number > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout {self.lora_dropout}: expected a probability in [0, 1)")
+        if self.peft != "none" and self.init == "permuted":
+            raise ConfigError(f"--init permuted with --peft {self.peft}: adapters train on one frozen base, which a per-client permutation would change; expected --init shared")
 
     def check_domains(self) -> None:
         """At least two domains; --domain and the two-domain shorthand (--bio-data, --legal-data) not mixed."""

@@ -25,3 +25,9 @@ def client_training(seed: int, server_round: int, domain_index: int, partition_i
 def client_permutation(seed: int, client_index: int) -> int:
     """The random permutation of the base that a client starts from with ``--init permuted``."""
     return 1_000_003 * (seed + 1) + client_index
+
+
+def adapter_start(seed: int) -> int:
+    """The LoRA factors A every model of a run starts from (``--peft lora``): one draw shared by the server and
+    every client, so that their adapters mean the same thing."""
+    return 2_000_003 * (seed + 1)

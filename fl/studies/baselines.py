@@ -26,13 +26,16 @@ from fl.federation.permuted_init import client_start
 from fl.modeling.client_statistics import client_statistic
 from fl.modeling.evaluation import Scores, evaluate, pooled_features
 from fl.modeling.folder import save_merged
-from fl.modeling.model import MultiHeadEncoder, build_model, cpu_state, domain_keys, load_tokenizer, num_attention_heads
+from fl.modeling.lora import with_adapters
+from fl.modeling.model import MultiHeadEncoder, build_model, cpu_state, load_tokenizer, num_attention_heads
+from fl.modeling.peft_merges import PeftCombination, peft_merged
 from fl.modeling.probe import fit_probe
 from fl.modeling.server_text import server_text
 from fl.modeling.training import train
 from fl.run import seeds
 from fl.run.config import RunConfig
 from fl.run.phases import PhaseClock
+from strategies.lora import client_keys
 from strategies.rules import RuleSetting, settings
 from strategies.update import ClientUpdate, MergeContext, ServerText
 
@@ -78,6 +81,7 @@ def make_workbench(config: RunConfig, model_path: str, data: dict[str, DomainDat
     train_sets = {d: encode(tokenizer, v.train.texts, v.train.labels, config.max_length) for d, v in data.items()}
     test_sets = {d: encode(tokenizer, v.test.texts, v.test.labels, config.max_length) for d, v in data.items()}
     model = build_model(model_path, {d: v.num_labels for d, v in data.items()}, config.seed, config.device)
+    model = with_adapters(model, config.lora_settings(), seeds.adapter_start(config.seed))
     return Workbench(config, model_path, data, train_sets, test_sets, model, tokenizer)
 
 
@@ -120,7 +124,7 @@ def expert_updates(workbench: Workbench, setting: RuleSetting, experts: Mapping[
         if statistic is not None:
             workbench.model.load_state_dict(state)
             stats = client_statistic(statistic.name, workbench.model, domain, workbench.train_sets[domain], batches, config.train_settings(), seed)
-        own = {key: state[key] for key in domain_keys(state, domain)}
+        own = {key: state[key] for key in client_keys(state, domain, embeddings=config.sends_word_embeddings)}
         updates.append(ClientUpdate(domain, domain, own, float(len(workbench.train_sets[domain])), stats))
     return updates
 
@@ -128,14 +132,18 @@ def expert_updates(workbench: Workbench, setting: RuleSetting, experts: Mapping[
 def merge_updates(workbench: Workbench, setting: RuleSetting, start: State, updates: Sequence[ClientUpdate], seed: int) -> State:
     """``updates`` merged once by ``setting``'s rule from ``start``, as one round; keys no update holds (the heads of
     domains not merged) stay as in ``start``."""
-    context = MergeContext(1, seed, num_attention_heads(workbench.model_path), server_text=workbench.text_for(setting))
+    context = MergeContext(1, seed, num_attention_heads(workbench.model_path), server_text=workbench.text_for(setting), adapter_scale=workbench.config.adapter_scale)
     merged = dict(start)
     merged.update(setting.merge(start, list(updates), context))
     return merged
 
 
-def one_shot(workbench: Workbench, setting: RuleSetting, start: State, experts: Mapping[str, State], seed: int) -> State:
-    """The experts merged once by ``setting``'s rule from ``start``: one client per domain (``expert_updates``)."""
+def one_shot(workbench: Workbench, setting: RuleSetting | PeftCombination, start: State, experts: Mapping[str, State], seed: int) -> State:
+    """The experts merged once by ``setting``'s rule from ``start``: one client per domain (``expert_updates``); or,
+    for LoRA experts, by one of PEFT's own combinations, each weighted by its domain's training examples."""
+    if isinstance(setting, PeftCombination):
+        weights = {d: float(len(workbench.train_sets[d])) for d in experts}
+        return peft_merged(workbench.model, start, experts, weights, setting)
     return merge_updates(workbench, setting, start, expert_updates(workbench, setting, experts, seed), seed)
 
 

@@ -16,6 +16,7 @@ from fl.data.splits import DomainData
 from fl.federation.rounds import CentralEvaluator, StrategyJob, StrategyRunner, read_back, run_and_save
 from fl.federation.simulation import run_strategy
 from fl.modeling.evaluation import Scores
+from fl.modeling.peft_merges import COMBINATIONS, PeftCombination
 from fl.run import files
 from fl.run.checkpoint import RunFolder
 from fl.run.config import RunConfig
@@ -44,15 +45,18 @@ def against_fedavg(strategies: list[str], one_shots: Mapping[str, object]) -> li
     return pairs
 
 
-def one_shot_rows(strategies: list[RuleSetting]) -> dict[str, RuleSetting]:
-    """The one-shot merges of the experts: the average always, and every selected rule that has a one-shot form."""
-    rows = {"one-shot-average": FEDAVG}
+def one_shot_rows(strategies: list[RuleSetting], peft: str = "none") -> dict[str, RuleSetting | PeftCombination]:
+    """The one-shot merges of the experts: the average always, every selected rule that has a one-shot form, and
+    with LoRA experts PEFT's own combinations of their adapters (the reference a PEFT user would reach for)."""
+    rows: dict[str, RuleSetting | PeftCombination] = {"one-shot-average": FEDAVG}
     rows.update({f"one-shot-{s.name}": s for s in strategies if s.rule.one_shot and s.name != "fedavg"})
+    if peft == "lora":
+        rows.update({f"one-shot-peft-{c}": PeftCombination(c) for c in COMBINATIONS})
     return rows
 
 
 def run_baselines(
-    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting], out: Path, clock: PhaseClock
+    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting | PeftCombination], out: Path, clock: PhaseClock
 ) -> tuple[dict[str, Scores], State]:
     """Base probe, experts (saved to `out`), multi-task, one-shot merges of the experts and the ensemble: their
     scores, and the strategies' common start (the base encoder with its probe heads)."""
@@ -71,7 +75,7 @@ def run_baselines(
 
 
 def baselines_once(
-    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting], folder: RunFolder, clock: PhaseClock
+    config: RunConfig, workbench: Workbench, one_shots: Mapping[str, RuleSetting | PeftCombination], folder: RunFolder, clock: PhaseClock
 ) -> tuple[dict[str, Scores], State]:
     """The baselines' scores and the strategies' start: read back when an earlier run of this folder got that far."""
     saved = folder.baselines()
@@ -168,7 +172,7 @@ def run_experiment(
     clock = PhaseClock()
     with clock.phase("tokenise and load model"):
         workbench = make_workbench(config, model_path, dict(data))
-    one_shots = one_shot_rows(strategies)
+    one_shots = one_shot_rows(strategies, config.peft)
     models, start = baselines_once(config, workbench, one_shots, folder, clock)
     names = [s.name for s in strategies]
     curves, histories = run_strategies(config, workbench, strategies, start, models["base"], folder, runner, clock)

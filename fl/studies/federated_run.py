@@ -21,8 +21,9 @@ from flwr.serverapp import Grid
 
 from fl.federation.rounds import StrategyJob, read_back, run_and_save, run_on_grid
 from fl.modeling.folder import save_merged
+from fl.modeling.lora import with_adapters
 from fl.modeling.model import build_model, check_model, cpu_state, load_tokenizer
-from fl.run import files
+from fl.run import files, seeds
 from fl.run.checkpoint import RunFolder
 from fl.run.config import ConfigError, RunConfig
 from fl.run.files import write_results
@@ -103,6 +104,7 @@ def run_federated(
     with clock.phase("load the base model, heads seeded-random"):
         model_path = check_model(config.model, config.max_length)
         model = build_model(model_path, {d: len(v) for d, v in labels.items()}, config.seed)
+        model = with_adapters(model, config.lora_settings(), seeds.adapter_start(config.seed))
         tokenizer = load_tokenizer(model_path)
         start = cpu_state(model)
 

@@ -27,6 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from strategies.aggregation import UpdateError
+from strategies.lora import client_keys, has_adapters
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,16 @@ class ReplyPolicy:
         return weight
 
 
-def check_complete(msg: Message, keys: Iterable[str], global_keys: Iterable[str]) -> None:
-    """A client must send every key it trains: all of the global model but the other domains' heads. A missing
-    key would otherwise be merged from the other clients alone, without a word."""
+def check_complete(msg: Message, keys: Iterable[str], global_keys: Iterable[str], *, freeze_lora_a: bool = False, embeddings: bool = True) -> None:
+    """A client must send every key it trains (``client_keys``): the encoder, or its adapters, and its own head. A
+    missing key would otherwise be merged from the other clients alone, without a word."""
     domain = str(msg.content["client"]["domain"])
     sent = set(keys)
-    missing = sorted(k for k in global_keys if k not in sent and (not k.startswith("heads.") or k.startswith(f"heads.{domain}.")))
+    missing = sorted(k for k in client_keys(global_keys, domain, freeze_a=freeze_lora_a, embeddings=embeddings) if k not in sent)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UpdateError(f"{describe_client(msg)}: the reply lacks key '{missing[0]}'{more}: expected the encoder and the '{domain}' head")
+        part = "adapters" if has_adapters(global_keys) else "encoder"
+        raise UpdateError(f"{describe_client(msg)}: the reply lacks key '{missing[0]}'{more}: expected the {part} and the '{domain}' head")
 
 
 def check_metrics(msg: Message, counts: Iterable[str] = ("num-examples",)) -> None:

@@ -38,6 +38,7 @@ from strategies.flower.records import record_views
 from strategies.flower.replies import ReplyPolicy, check_complete, check_evaluation, check_metrics, check_own_head, client_identity, describe_client
 from strategies.flower.sampling import sample_clients
 from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
+from strategies.lora import base_digest, sent_down
 from strategies.rules import RuleSetting, check_client
 from strategies.update import ClientUpdate, MergeContext, ServerText
 
@@ -80,6 +81,8 @@ class RoundSettings:
     in_flight: int | None = None  # messages sent ahead of their replies (simulation: a few per actor); None: all
     abandon: Callable[[list[str]], object] | None = None  # stops the clients of messages a round gave up on (by message id)
     server_text: ServerText | None = None  # unlabelled text the server holds, for a rule that learns from it
+    adapter_scale: float = 1.0  # LoRA's alpha / rank, when the global state holds adapters (strategies.lora)
+    embeddings_sent: bool = True  # whether clients send the word embeddings (not when frozen: they stay home)
 
 
 class RuleStrategy(FedAvg):
@@ -99,6 +102,9 @@ class RuleStrategy(FedAvg):
         self.policy = ReplyPolicy(num_clients, settings.reply_timeout, settings.continue_on_loss, settings.max_examples, abandon=settings.abandon)
         self.num_heads = settings.num_heads
         self.server_text = settings.server_text
+        self.adapter_scale = settings.adapter_scale
+        self.embeddings_sent = settings.embeddings_sent
+        self.base_digest = ""  # with adapters: the frozen base's hash, sent so that each client checks its own copy
         self.seed = settings.seed
         self.max_eval_examples = settings.max_eval_examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
@@ -145,6 +151,7 @@ class RuleStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round = self.real_round(server_round)
         self.global_state = arrays.to_torch_state_dict()
+        arrays = self.sent_down(arrays, config)
         self.follow_policy()
         nodes = self.policy.wait(grid, f"round {server_round}")
         for key, value in self.setting.client_config().items():
@@ -164,6 +171,17 @@ class RuleStrategy(FedAvg):
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self.policy.sending([Message(record, dst_node_id=node, message_type=MessageType.TRAIN) for node in chosen])
+
+    def sent_down(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """What the clients receive of the global model: with LoRA adapters, not the frozen base, which each client
+        loads itself and checks against the hash in ``base-digest``."""
+        keys = sent_down(arrays.keys())
+        if len(keys) == len(arrays):
+            return arrays
+        if not self.base_digest:
+            self.base_digest = base_digest(self.global_state or arrays.to_torch_state_dict())
+        config["base-digest"] = self.base_digest
+        return ArrayRecord({key: arrays[key] for key in keys})
 
     def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
         """Ask the nodes whose client is not yet known which one they serve (a query without data). It is a node's
@@ -198,7 +216,7 @@ class RuleStrategy(FedAvg):
         self.follow_policy()
         if self.fraction_evaluate > 0:
             self.policy.wait(grid, f"round {server_round}")
-        return self.policy.sending(super().configure_evaluate(server_round, arrays, config, self.policy.reachable(grid)))
+        return self.policy.sending(super().configure_evaluate(server_round, self.sent_down(arrays, config), config, self.policy.reachable(grid)))
 
     def follow_policy(self) -> None:
         """Wait for, and sample, only the nodes the policy still expects (fewer after a loss in continue mode)."""
@@ -212,7 +230,7 @@ class RuleStrategy(FedAvg):
         name = describe_client(msg)
         state = record_views(msg.content[self.arrayrecord_key])
         check_own_head(msg, state)
-        check_complete(msg, state, self.global_state)
+        check_complete(msg, state, self.global_state, freeze_lora_a=self.setting.rule.adapters == "frozen-a", embeddings=self.embeddings_sent)
         check_metrics(msg)
         update = ClientUpdate(name, client_identity(msg) or name, state, self.policy.claimed_examples(msg), stats)
         check_magnitude(name, update.state, FLOAT32_MAX / ((self.policy.max_examples or update.weight) * max(self.policy.num_nodes, 1)))
@@ -221,7 +239,7 @@ class RuleStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
         usable = sorted(self.policy.usable(server_round, "train", list(replies)), key=lambda m: client_identity(m) or "")
-        context = MergeContext(server_round, self.seed, self.num_heads, server_text=self.server_text)
+        context = MergeContext(server_round, self.seed, self.num_heads, server_text=self.server_text, adapter_scale=self.adapter_scale)
         merged = dict(self.global_state)
         if self.stream is not None:
             streamed, updates = self.stream.finish(client_identity(m) or "" for m in usable)
@@ -237,6 +255,7 @@ class RuleStrategy(FedAvg):
                 for u, m in zip(updates, usable)
             ],
             "lost": self.policy.lost_nodes.setdefault(server_round, []),  # the same list: evaluation losses join it
+            **context.round_notes,
         }
         if self.sampled:
             entry["sampled"] = self.sampled
