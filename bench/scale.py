@@ -13,7 +13,10 @@ has a timeout after which the whole tree is killed; a case whose pre-flight esti
 parent records that line. Time per round comes from the central evaluator's timestamps (round 1 includes
 the actors' start-up; later rounds are the steady state).
 
-    python bench/scale.py [--clients 2,100,1000:100] [--rounds 2] [--small] [--out FILE]
+    python bench/scale.py [--clients 2,100,1000:100] [--rounds 2] [--peft none,lora] [--small] [--out FILE]
+
+With ``--peft lora`` the clients train and send LoRA adapters (fl.modeling.lora); each case then also reports the
+bytes of one reply and of one message down.
 """
 
 from __future__ import annotations
@@ -87,10 +90,10 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_case(clients: int, rounds: int, timeout: float, per_round: str = "all", rule: str = "fedavg") -> dict[str, object]:
+def run_case(clients: int, rounds: int, timeout: float, per_round: str = "all", rule: str = "fedavg", peft: str = "none") -> dict[str, object]:
     """Run one client count in a child process, sampling the tree's memory until it ends or times out."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(clients), "--rounds", str(rounds),
-               "--per-round", per_round, "--rule", rule]
+               "--per-round", per_round, "--rule", rule, "--peft", peft]
     available_before = mem_available()
     tick = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -114,6 +117,7 @@ def run_case(clients: int, rounds: int, timeout: float, per_round: str = "all", 
         "clients": clients,
         "clients_per_round": per_round,
         "rule": rule,
+        "peft": peft,
         "rounds": rounds,
         "wall_s": round(time.perf_counter() - tick, 1),
         "exit_code": child.returncode,
@@ -163,7 +167,7 @@ def one_step_s(workbench, config) -> float:  # noqa: ANN001
     return min(times)
 
 
-def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
+def child(clients: int, rounds: int, per_round: str, rule: str, peft: str) -> int:
     """One simulation; prints one JSON line (per-round times) or, if it cannot fit, one error line and exits 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -182,6 +186,7 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
         rounds=rounds,
         local_steps=1,
         clients_per_round=per_round,
+        peft=peft,
     ).validate()
     from strategies.rules import RULES, settings
 
@@ -218,8 +223,13 @@ def child(clients: int, rounds: int, per_round: str, rule: str) -> int:
     total = time.perf_counter() - tick
     ends = {r: e for r, _, e in calls}
     round_s = [round(begin - ends[r - 1], 2) for r, begin, _ in calls if r > 0]
+    from strategies.lora import sent_down
+
+    replies = [c["bytes-sent"]["arrays"] for c in outcome.client_history[-1]["clients"]]
     print(json.dumps({
         "simulation_s": round(total, 1),
+        "reply_bytes": round(sum(replies) / len(replies)),  # one client's weights, the last round's mean
+        "down_bytes": sum(start[k].numel() * start[k].element_size() for k in sent_down(start)),  # the global weights a client receives
         "round_s": round_s,  # previous evaluation's end to this round's evaluation (training + transport + merge)
         "replies_per_round": [len(h["clients"]) for h in outcome.client_history],
         "one_step_s": round(step_s, 3),
@@ -247,14 +257,16 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="2 clients, 1 round (smoke test)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--refusal", action="store_true", help=f"also show the pre-flight refusal ({REFUSED_DEMO} clients, median: every reply held)")
+    parser.add_argument("--peft", default="none", help="comma-separated: none (full fine-tuning), lora; every client count runs with each")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--per-round", default="all", help=argparse.SUPPRESS)
     parser.add_argument("--rule", default="fedavg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        sys.exit(child(args.child, args.rounds, args.per_round, args.rule))
+        sys.exit(child(args.child, args.rounds, args.per_round, args.rule, args.peft))
 
     counts = [(2, "all")] if args.small else [case_of(c) for c in args.clients.split(",")]
+    pefts = [p.strip() for p in args.peft.split(",") if p.strip()]
     rounds = 1 if args.small else args.rounds
     started = time.perf_counter()
     report: dict[str, object] = {
@@ -264,14 +276,14 @@ def main() -> None:
         "memory_method": f"sum of PSS (and of RSS) over the child and all its descendants, sampled every {SAMPLE_S} s",
     }
     cases = []
-    for n, per_round in counts:
+    for (n, per_round), peft in [(count, peft) for count in counts for peft in pefts]:
         left = args.budget - (time.perf_counter() - started) - (20 if args.refusal else 0)  # 20 s kept for the refusal
         messages = (n if per_round == "all" else int(per_round)) * rounds + n  # + the roll call
         timeout = min(args.timeout or 120 + messages, left)
         if timeout < 30:
             cases.append({"clients": n, "rounds": rounds, "skipped": f"no time left in the {args.budget:.0f} s budget"})
             continue
-        cases.append({**run_case(n, rounds, timeout, per_round), "timeout_s": timeout, "loadavg_after": os.getloadavg()})
+        cases.append({**run_case(n, rounds, timeout, per_round, peft=peft), "timeout_s": timeout, "loadavg_after": os.getloadavg()})
     if args.refusal:
         cases.append({**run_case(REFUSED_DEMO, rounds, 60, rule="median"), "timeout_s": 60, "loadavg_after": os.getloadavg()})
     report["cases"] = cases

@@ -192,6 +192,7 @@ RULES: Mapping[str, Rule] = {
             "Sun et al. 2024 (FFA-LoRA)", "1 adapter copy", "LoRA clients: the exact mean update at half the adapter bytes, with half the trainable weights",
             adapters="frozen-a",
             adapters_only=True,
+            one_shot=False,  # experts train A as well: there is no frozen A to merge them over
         ),
         Rule(
             "lora-exact", Deferred("strategies.averaging:average"), "weighted mean of the LoRA updates scale x B A per module, re-factored to the adapter rank by truncated SVD",

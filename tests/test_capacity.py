@@ -60,3 +60,13 @@ def test_a_cluster_node_that_can_host_clients_counts_them(model: str) -> None:
 def test_a_client_that_needs_more_cpus_than_a_local_ray_has_is_refused_in_one_line() -> None:
     with pytest.raises(CapacityError, match=r"^--client-cpus 32: a client needs more CPUs than this machine's 16; expected at most 16 "):
         check_fits(RunConfig(), "unused: refused before the model is read", available=64 * GIB, cores=16, client_cpus=32)
+
+
+def test_lora_replies_are_counted_at_the_adapters_size() -> None:
+    path = str(default_model_path())
+    full = check_fits(RunConfig(), path, available=16 * 2**30, streamed=True)
+    lora = check_fits(replace(RunConfig(), peft="lora"), path, available=16 * 2**30, streamed=True)
+
+    assert lora.reply_bytes == 4 * 8 * (384 + 384) * 2 * 6  # rank 8, query and value of 6 layers of 384 units
+    assert lora.peak_bytes < full.peak_bytes and lora.max_clients > 100 * full.max_clients
+    assert "replies of 0.3 MiB" in lora.describe()

@@ -535,13 +535,14 @@ def test_a_deployment_whose_server_app_is_killed_after_round_1_resumes_to_comple
     assert set(labels) == {"bio", "legal"}
 
 
-def test_three_supernodes_serve_the_three_domains_a_run_config_names(flower: Flower, run_config, toy_csvs, tmp_path: Path) -> None:
+def test_three_supernodes_serve_the_three_domains_a_run_config_names_with_lora_clients(flower: Flower, run_config, toy_csvs, tmp_path: Path) -> None:
+    """Three domains of a run config, each on its own SuperNode, whose clients train and send LoRA adapters."""
     finance = write_domain_csv(tmp_path / "finance.csv", FINANCE_WORDS, 120, 2)
     bio, legal = toy_csvs
     domains = {"domain-data": f"bio={bio}; legal={legal}; finance={finance}", "bio-data": "hpo", "legal-data": "licenses"}
     deployment = start_deployment(flower, {"bio": BIO, "legal": LEGAL, "finance": 'domain="finance" partition-id=0 num-partitions=1'})
 
-    run_id, _ = run_app(flower, deployment.connection, run_config(**domains))
+    run_id, _ = run_app(flower, deployment.connection, run_config(**domains, peft="lora", **{"lora-rank": 4}))
 
     assert flower.status(deployment.connection, run_id)["status"] == "finished:completed", flower.log("run")[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -551,3 +552,6 @@ def test_three_supernodes_serve_the_three_domains_a_run_config_names(flower: Flo
     assert list(results["transfer"]) == ["bio-expert", "legal-expert", "finance-expert"]
     _, labels = load_merged(tmp_path / "out" / "fedavg")
     assert set(labels) == {"bio", "legal", "finance"}
+    # adapters and a head only: 2 layers x 2 modules x 2 factors of 4 x 32, and a 3 x 32 head (the tiny model is 4 MB)
+    assert all(c["bytes-sent"]["arrays"] < 20_000 for h in run["clients"] for c in h["clients"])
+    assert (tmp_path / "out" / "fedavg" / "adapter" / "adapter_config.json").is_file()

@@ -56,14 +56,16 @@ class MemoryEstimate:
     streamed: bool  # every rule of the run merges replies as they arrive
     max_clients: int  # the largest client count whose estimate fits
     cluster: bool = False  # the clients run on a Ray cluster: this machine is its driver's node
+    reply_bytes: int = 0  # one reply's weights and statistic when smaller than the model (LoRA adapters); 0: the model's
 
     def describe(self) -> str:
         here = "this node of the cluster" if self.cluster else "this machine"
         return (
             f"{self.num_clients} clients need about {self.peak_bytes / GIB:.1f} GiB on {here} "
             f"({FIXED_BYTES / GIB:.1f} GiB base + {self.num_actors} actors + {self.replies_held} replies or global copies of "
-            f"{self.model_bytes / 2**20:.0f} MiB)"
-            f" and {HEADROOM:.0%} of the available memory is {HEADROOM * self.available_bytes / GIB:.1f} GiB"
+            f"{self.model_bytes / 2**20:.0f} MiB"
+            + (f", replies of {self.reply_bytes / 2**20:.1f} MiB)" if self.reply_bytes else ")")
+            + f" and {HEADROOM:.0%} of the available memory is {HEADROOM * self.available_bytes / GIB:.1f} GiB"
         )
 
 
@@ -109,9 +111,31 @@ def replies_held(per_round: int, num_actors: int, streamed: bool) -> int:
     return GLOBAL_MODEL_COPIES + replies
 
 
-def estimate_peak(replies: int, num_actors: int, model: int) -> int:
+def estimate_peak(replies: int, num_actors: int, model: int, reply: int = 0) -> int:
+    """``replies`` counts the global copies too (``replies_held``): those are model-sized, the rest ``reply``-sized
+    (0: model-sized as well)."""
     actors = num_actors * (PER_ACTOR_BYTES + ACTOR_MODEL_COPIES * model)
-    return int(FIXED_BYTES + actors + replies * REPLY_MODEL_COPIES * model)
+    reply = reply or model
+    return int(FIXED_BYTES + actors + REPLY_MODEL_COPIES * (GLOBAL_MODEL_COPIES * model + (replies - GLOBAL_MODEL_COPIES) * reply))
+
+
+def adapter_bytes(model_path: str, config: RunConfig) -> int:
+    """Float32 bytes of the LoRA adapters a client sends with --peft lora (rank x (in + out) per target layer),
+    from the config alone; 0 without adapters (a reply is then the model's size)."""
+    lora = config.lora_settings()
+    if lora is None:
+        return 0
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModel
+
+    from fl.modeling.lora import target_modules
+
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    targets = set(target_modules(encoder, lora))
+    linear = [m for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    return sum(4 * lora.rank * (m.in_features + m.out_features) for m in linear)
 
 
 def check_fits(
@@ -138,15 +162,16 @@ def check_fits(
         raise CapacityError(f"--client-cpus {client_cpus}: a client needs more CPUs than this machine's {cores}; expected at most {cores} (or a Ray cluster: --ray-address)")
     path = model_path or resolve_model(config.model)
     model = max(model_bytes(path, statistic) for statistic in ("", *statistics))
+    reply = adapter_bytes(path, config)
     free = available_memory() if available is None else available
     budget = HEADROOM * free
     per_round = config.sampled_clients
     held = replies_held(per_round, actors, streamed)
     fixed = estimate_peak(GLOBAL_MODEL_COPIES, cores // (client_cpus or 1), model)  # a large federation fills every CPU here
-    max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * model)))
+    max_clients = max(0, int((budget - fixed) // (REPLY_MODEL_COPIES * (reply or model))))
     found = MemoryEstimate(
-        num_clients=config.num_clients, num_actors=actors, model_bytes=model, peak_bytes=estimate_peak(held, actors, model),
-        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients, cluster=cluster,
+        num_clients=config.num_clients, num_actors=actors, model_bytes=model, peak_bytes=estimate_peak(held, actors, model, reply),
+        available_bytes=free, replies_held=held, streamed=streamed, max_clients=max_clients, cluster=cluster, reply_bytes=reply,
     )
     if found.peak_bytes > budget:
         option = f"--clients-per-round {config.clients_per_round}" if per_round < config.num_clients else f"--clients-per-domain {config.clients_per_domain}"
