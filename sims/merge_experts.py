@@ -30,6 +30,7 @@ from fl.run.cli import add_rule_options, build_config, console_logging, input_ch
 from fl.run.config import ConfigError  # noqa: E402
 
 FEDERATED_ONLY = ("clients_per_domain", "clients_per_round", "partition", "init", "attack", "reply_timeout", "on_node_loss")  # no rounds run here
+ADAPTER_OPTIONS = ("peft", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # experts come as full model folders
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         federated = [f"--{k.replace('_', '-')}" for k in FEDERATED_ONLY if k in vars(args)]
         if federated:
             raise ConfigError(f"{federated[0]}: an option of federated rounds, which merge_experts.py does not run; expected it left out")
+        adapters = [f"--{k.replace('_', '-')}" for k in ADAPTER_OPTIONS if k in vars(args)]
+        if adapters:
+            raise ConfigError(f"{adapters[0]}: merge_experts.py merges full model folders (it does not read LoRA adapter folders yet); expected it left out")
         config = build_config(args)
         if len(args.experts) < 2:
             raise ConfigError(f"--experts {' '.join(args.experts)}: one expert; expected two or more")

@@ -213,14 +213,18 @@ def test_a_supernode_claiming_a_domain_the_run_does_not_have_is_refused_in_one_l
     assert str(error.value) == "node domain 'law' is unknown: expected one of bio, legal, finance"
 
 
-def test_merge_experts_refuses_the_same_expert_twice(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [([], "is given more than once; expected each expert once"), (["--peft", "lora"], "--peft: merge_experts.py merges full model folders")],
+)
+def test_merge_experts_refuses_the_same_expert_twice_and_lora_options(tiny_model_dir: Path, tmp_path: Path, capsys, flags: list[str], needle: str) -> None:
     from sims import merge_experts
 
-    code = merge_experts.main(["--experts", str(tiny_model_dir), f"{tiny_model_dir}/", "--out", str(tmp_path / "out")])
+    code = merge_experts.main(["--experts", str(tiny_model_dir), f"{tiny_model_dir}/", "--out", str(tmp_path / "out"), *flags])
 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert f"--experts: {tiny_model_dir}/ is given more than once; expected each expert once" in err
+    assert needle in err
 
 
 def test_a_node_changing_its_partition_in_a_streamed_round_is_refused_naming_the_node() -> None:
