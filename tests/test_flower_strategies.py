@@ -137,6 +137,8 @@ def test_a_node_the_superlink_reports_lost_is_named_by_the_message_it_did_not_an
         strategy.aggregate_train(1, [ok, lost])
     with pytest.raises(RoundFailed, match=r"1 replies for 2 clients after the reply timeout of 3600 s: no reply from node 9 \(on-node-loss=continue"):
         strategy.aggregate_train(1, [ok])
+    with pytest.raises(RoundFailed, match=r"roll call: 1 replies for 2 clients after 7200 s \(the roll call's wait: clients start\): no reply from node 9"):
+        strategy.policy.usable(1, "roll call", [ok], waited=7200.0)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox"])

@@ -120,10 +120,12 @@ class ReplyPolicy:
     def node_name(self, node: int) -> str:
         return self.node_names.get(node, f"node {node}")
 
-    def usable(self, server_round: int, stage: str, replies: list[Message]) -> list[Message]:
+    def usable(self, server_round: int, stage: str, replies: list[Message], waited: float | None = None) -> list[Message]:
         """The replies to use: all of them, or RoundFailed naming every failed or silent node; in continue
         mode lost nodes are dropped (and remembered) as long as one client answered and none raised. The
-        clients of silent messages are abandoned first, so nothing of this round still runs."""
+        clients of silent messages are abandoned first, so nothing of this round still runs. ``waited``: how long
+        the replies were waited for, when not the reply timeout (the roll call waits longer)."""
+        waited = self.reply_timeout if waited is None else waited
         for msg in replies:
             if not msg.has_error():
                 self.check_role(msg)
@@ -139,7 +141,7 @@ class ReplyPolicy:
             self.abandon([m.metadata.message_id for m in silent])
         if self.continue_on_loss and ok and not raised:
             if failed or silent:
-                self.drop_lost(server_round, stage, failed, silent, len(ok))
+                self.drop_lost(server_round, stage, failed, silent, len(ok), waited)
             return ok
         if failed:
             reasons = "; ".join(f"{self.node_of(m)}: {error_text(m.error.reason)}" for m in failed)
@@ -150,8 +152,8 @@ class ReplyPolicy:
             hint = " (on-node-loss=continue would finish rounds with the remaining clients)" if silent and not self.continue_on_loss else ""
             waiting = f"; {len(unsent)} not yet sent when the time ran out" if unsent else ""
             raise RoundFailed(
-                f"{stage_name(server_round, stage)}: {len(replies)} replies for {len(self.sent)} clients after the reply timeout of "
-                f"{self.reply_timeout:g} s{': no reply from ' if names else ''}{', '.join(names)}{waiting}{hint}"
+                f"{stage_name(server_round, stage)}: {len(replies)} replies for {len(self.sent)} clients after "
+                f"{describe_wait(waited, self.reply_timeout)}{': no reply from ' if names else ''}{', '.join(names)}{waiting}{hint}"
             )
         return ok
 
@@ -164,10 +166,10 @@ class ReplyPolicy:
         if bound != role:
             raise UpdateError(f"node {msg.metadata.src_node_id}: claims to be {role}, but served {bound} in an earlier reply: refused")
 
-    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[Message], remaining: int) -> None:
+    def drop_lost(self, server_round: int, stage: str, failed: list[Message], silent: list[Message], remaining: int, waited: float) -> None:
         """Record and log the lost nodes; later rounds neither wait for them nor send them anything."""
         losses = [(self.sent_to(m), error_text(m.error.reason)) for m in failed]
-        losses += [(m.metadata.dst_node_id, f"no reply within the reply timeout of {self.reply_timeout:g} s") for m in silent]
+        losses += [(m.metadata.dst_node_id, f"no reply within {describe_wait(waited, self.reply_timeout)}") for m in silent]
         for node, reason in losses:
             if node is not None:
                 self.lost_ids.add(node)
@@ -197,6 +199,11 @@ class ReplyPolicy:
                 " (local-steps x batch-size)"
             )
         return weight
+
+
+def describe_wait(waited: float, reply_timeout: float) -> str:
+    """How long replies were waited for, as an error message says it."""
+    return f"the reply timeout of {reply_timeout:g} s" if waited == reply_timeout else f"{waited:g} s (the roll call's wait: clients start)"
 
 
 def check_complete(msg: Message, keys: Iterable[str], global_keys: Iterable[str], *, freeze_lora_a: bool = False, embeddings: bool = True) -> None:

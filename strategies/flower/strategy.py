@@ -195,7 +195,7 @@ class RuleStrategy(FedAvg):
         self.policy.sending(queries)
         unwindowed = getattr(grid, "grid", grid)  # queries carry no weights: all at once, past the ReplyStream's window
         timeout = max(self.policy.reply_timeout, ROLL_CALL_S)
-        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=timeout)))
+        self.policy.usable(server_round, "roll call", list(unwindowed.send_and_receive(queries, timeout=timeout)), waited=timeout)
 
     def on_reply(self, msg: Message) -> Message:
         """Each reply as it is pulled: a training reply of a streamed round is checked and merged now."""
