@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl.modeling.model import resolve_model
+from fl.modeling.model import meta_encoder, resolve_model
 from fl.run.config import ConfigError, RunConfig
 
 GIB = 2**30
@@ -72,12 +72,9 @@ class MemoryEstimate:
 def model_bytes(model_path: str, statistic: str = "") -> int:
     """Float32 bytes of the encoder's weights plus the statistic a client sends with them ('fisher', 'gram' or
     none), from the config alone (no weight file read, no memory used)."""
-    import torch
     from torch import nn
-    from transformers import AutoConfig, AutoModel
 
-    with torch.device("meta"):
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    encoder = meta_encoder(model_path)
     weights = sum(4 * p.numel() for p in encoder.parameters())
     if statistic == "fisher":
         return 2 * weights
@@ -125,14 +122,11 @@ def adapter_bytes(model_path: str, config: RunConfig) -> int:
     lora = config.lora_settings()
     if lora is None:
         return 0
-    import torch
     from torch import nn
-    from transformers import AutoConfig, AutoModel
 
     from fl.modeling.lora import target_modules
 
-    with torch.device("meta"):
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    encoder = meta_encoder(model_path)
     targets = set(target_modules(encoder, lora))
     linear = [m for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     return sum(4 * lora.rank * (m.in_features + m.out_features) for m in linear)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fl.modeling.errors import ModelError
-from fl.modeling.model import MultiHeadEncoder
+from fl.modeling.model import MultiHeadEncoder, meta_encoder
 from fl.modeling.train_settings import LoraSettings
 from strategies.lora import A_PART, B_PART, adapter_modules, base_digest, sent_down, update_of
 
@@ -116,8 +116,4 @@ def check_lora(settings: LoraSettings | None, model_path: str) -> None:
     """Refuse, before any weights load, target modules the encoder lacks (its architecture built on the meta device)."""
     if settings is None:
         return
-    from transformers import AutoConfig, AutoModel
-
-    with torch.device("meta"):
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
-    target_modules(encoder, settings)
+    target_modules(meta_encoder(model_path), settings)

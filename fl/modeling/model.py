@@ -110,6 +110,12 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return int(limit)
 
 
+def meta_encoder(model_path: str) -> PreTrainedModel:
+    """The encoder's architecture on the meta device: its module names and shapes, without memory or a weight file."""
+    with torch.device("meta"):
+        return AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+
+
 def num_attention_heads(name: str) -> int:
     """Heads per attention layer (DistilBERT's n_heads is mapped to this name by its config)."""
     return int(AutoConfig.from_pretrained(resolve_model(name)).num_attention_heads)
