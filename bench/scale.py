@@ -229,7 +229,7 @@ def child(clients: int, rounds: int, per_round: str, rule: str, peft: str) -> in
     print(json.dumps({
         "simulation_s": round(total, 1),
         "reply_bytes": round(sum(replies) / len(replies)),  # one client's weights, the last round's mean
-        "down_bytes": sum(start[k].numel() * start[k].element_size() for k in sent_down(start)),  # the global weights a client receives
+        "down_bytes": sum(start[k].numel() * start[k].element_size() for k in sent_down(start, embeddings=config.sends_word_embeddings)),  # the global weights a client receives
         "round_s": round_s,  # previous evaluation's end to this round's evaluation (training + transport + merge)
         "replies_per_round": [len(h["clients"]) for h in outcome.client_history],
         "one_step_s": round(step_s, 3),

@@ -26,6 +26,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from strategies.aggregation import UpdateError
@@ -88,13 +89,16 @@ def client_keys(keys: Iterable[str], domain: str, *, freeze_a: bool = False, emb
     return [k for k in keys if k.startswith(head) or (k.startswith("encoder.") and trained(k))]
 
 
-def sent_down(keys: Iterable[str]) -> list[str]:
-    """The keys of the global state the server sends: with adapters, all but the frozen base (which every client
-    loads itself), else all."""
+def sent_down(keys: Iterable[str], *, embeddings: bool = True) -> list[str]:
+    """The keys of the global state the server sends. What never changes stays out, since every client loads it
+    itself (checked by ``home_digest``): with adapters, the frozen base; without, the word embeddings when they are
+    frozen (``embeddings`` False: clients neither train nor send them)."""
     keys = list(keys)
-    if not has_adapters(keys):
+    if has_adapters(keys):
+        return [k for k in keys if not k.startswith("encoder.") or A_PART in k or B_PART in k]
+    if embeddings:
         return keys
-    return [k for k in keys if not k.startswith("encoder.") or A_PART in k or B_PART in k]
+    return [k for k in keys if not (k.startswith("encoder.") and "word_embeddings" in k)]
 
 
 def update_of(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -155,12 +159,13 @@ def check_frozen_a(clients: Clients) -> None:
             raise UpdateError(f"{client.name}: sent '{sent}', an A factor, which ffa keeps frozen at the shared start: expected B factors and the head only")
 
 
-def base_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """A hash of the frozen base weights (every encoder tensor but the adapters): a client that loads the base
-    itself checks it against the server's, so a different download or revision is refused before training."""
+def home_digest(state: Mapping[str, torch.Tensor | np.ndarray], sent: Iterable[str]) -> str:
+    """A hash of the weights the server does not send (``sent_down``'s complement): a client that loads them itself
+    checks it against the server's, so a different download, revision or global model is refused before training."""
+    sent = set(sent)
     digest = hashlib.sha256()
-    for key in sorted(state):
-        if key.startswith("encoder.") and A_PART not in key and B_PART not in key:
-            digest.update(key.encode())
-            digest.update(state[key].detach().to("cpu").contiguous().numpy().tobytes())
+    for key in sorted(k for k in state if k not in sent):
+        digest.update(key.encode())
+        value = state[key]
+        digest.update((value.detach().to("cpu").contiguous().numpy() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)).tobytes())
     return digest.hexdigest()[:16]

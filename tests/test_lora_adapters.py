@@ -11,13 +11,14 @@ from fl.federation.rounds import CentralEvaluator, StrategyJob
 from fl.federation.simulation import run_strategy
 from fl.modeling.errors import ModelError
 from fl.modeling.folder import load_merged, save_merged
-from fl.modeling.lora import add_adapters, check_lora, load_received
+from fl.modeling.lora import add_adapters, check_lora
 from fl.modeling.model import build_model, client_state, cpu_state, load_tokenizer
 from fl.modeling.peft_merges import PeftCombination, peft_merged
+from fl.modeling.received import load_received
 from fl.modeling.train_settings import LoraSettings, TrainSettings
 from fl.modeling.training import trainable_parameters
 from fl.run.config import ConfigError
-from strategies.lora import base_digest, client_keys, sent_down
+from strategies.lora import client_keys, home_digest, sent_down
 from strategies.rules import settings
 from strategies.update import ClientUpdate, MergeContext
 from tests.conftest import probed_start, tiny_run_config
@@ -75,11 +76,27 @@ def test_a_client_refuses_another_base_or_a_message_without_its_adapters(tiny_mo
     state = cpu_state(server)
     down = {k: state[k] for k in sent_down(state)}
     assert not any(k.startswith("encoder.") and "lora_" not in k for k in down)
-    load_received(client, down, base_digest(state))
+    load_received(client, down, home_digest(state, down))
     with pytest.raises(ModelError, match="differ from the server's"):
         load_received(client, down, "0" * 16)
     with pytest.raises(ModelError, match="the server's message lacks"):
-        load_received(client, {k: v for k, v in down.items() if "lora_B" not in k}, base_digest(state))
+        load_received(client, {k: v for k, v in down.items() if "lora_B" not in k}, home_digest(state, down))
+
+
+def test_frozen_word_embeddings_stay_home_both_ways(tiny_model_dir: Path) -> None:
+    """Full fine-tuning with frozen word embeddings: the server sends all but them, with their hash; a client whose
+    own embeddings differ (another vocabulary file, or a merge that moved them) refuses before training."""
+    server = build_model(str(tiny_model_dir), {"bio": 3, "legal": 3}, seed=0)
+    state = cpu_state(server)
+    down = {k: state[k] for k in sent_down(state, embeddings=False)}
+    assert sorted(set(state) - set(down)) == ["encoder.embeddings.word_embeddings.weight"]
+    assert sent_down(state, embeddings=True) == list(state)
+    client = build_model(str(tiny_model_dir), {"bio": 3, "legal": 3}, seed=1)
+    load_received(client, down, home_digest(state, down), embeddings=False)
+    assert all(torch.equal(v, state[k]) for k, v in cpu_state(client).items())
+    moved = {**state, "encoder.embeddings.word_embeddings.weight": state["encoder.embeddings.word_embeddings.weight"] + 1}
+    with pytest.raises(ModelError, match="frozen base weights .* differ from the server's"):
+        load_received(client, down, home_digest(moved, down), embeddings=False)
 
 
 def test_the_saved_folder_folds_the_adapters_and_holds_a_peft_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:

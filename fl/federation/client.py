@@ -33,8 +33,9 @@ from fl.federation.permuted_init import client_start
 from fl.modeling.attacks import flipped_labels, poison
 from fl.modeling.client_statistics import STATISTICS, client_statistic
 from fl.modeling.evaluation import evaluate
-from fl.modeling.lora import add_adapters, load_received
+from fl.modeling.lora import with_adapters
 from fl.modeling.model import MultiHeadEncoder, build_model, build_skeleton, client_state, load_tokenizer, resolve_model
+from fl.modeling.received import load_received
 from fl.modeling.train_settings import LoraSettings
 from fl.modeling.training import train
 from fl.run import seeds
@@ -108,7 +109,9 @@ def head_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels: int) -> MultiHeadEncoder:
     """Build the model skeleton from the received heads' shapes and load the global weights into it.
 
-    With init 'permuted', the first round's weights are replaced by this client's own permutation of them.
+    With init 'permuted', the first round's weights are replaced by this client's own permutation of them. Weights
+    that never change (the LoRA base, frozen word embeddings) are not sent: the client loads its own copy once and
+    checks it against the server's hash.
     """
     state = msg.content["arrays"].to_torch_state_dict()
     if int(msg.content["config"].get("server-round", 0)) == 1:
@@ -116,23 +119,24 @@ def receive_model(config: RunConfig, role: ClientRole, msg: Message, num_labels:
     sizes = head_sizes(state)
     if sizes.get(role.domain) != num_labels:
         raise ConfigError(f"global head for '{role.domain}' has {sizes.get(role.domain)} labels, local data has {num_labels}")
-    lora = config.lora_settings()
-    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device, lora, seeds.adapter_start(config.seed))
-    if lora is None:
-        model.load_state_dict(state)
+    lora, embeddings = config.lora_settings(), config.sends_word_embeddings
+    keeps_base = lora is not None or not embeddings
+    model = actor_model(resolve_model(config.model), tuple(sorted(sizes.items())), config.device, keeps_base, lora, seeds.adapter_start(config.seed))
+    if keeps_base:
+        load_received(model, state, str(msg.content["config"].get("base-digest", "")), embeddings=embeddings)
     else:
-        load_received(model, state, str(msg.content["config"].get("base-digest", "")))
+        model.load_state_dict(state)
     return model
 
 
 @lru_cache(maxsize=1)
-def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str, lora: LoraSettings | None, adapter_seed: int) -> MultiHeadEncoder:
+def actor_model(model_path: str, sizes: tuple[tuple[str, int], ...], device: str, keeps_base: bool, lora: LoraSettings | None, adapter_seed: int) -> MultiHeadEncoder:
     """One model per process, reloaded with each message's weights: building it from the config cost 0.3-0.6 s a
-    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards). With LoRA
-    the base is loaded here, from this node's own model files (the server sends only adapters and heads)."""
-    if lora is None:
+    message. ``train`` leaves no state behind in it (a fresh optimizer each call, eval mode afterwards). When the
+    server does not send the frozen weights (``keeps_base``) they are loaded here, from this node's own model files."""
+    if not keeps_base:
         return build_skeleton(model_path, dict(sizes), device)
-    return add_adapters(build_model(model_path, dict(sizes), adapter_seed, device), lora, adapter_seed)
+    return with_adapters(build_model(model_path, dict(sizes), adapter_seed, device), lora, adapter_seed)
 
 
 def use_granted_threads() -> None:

@@ -12,7 +12,6 @@ How the server merges them is ``strategies.lora``. A saved model has the adapter
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from fl.modeling.errors import ModelError
 from fl.modeling.model import MultiHeadEncoder, meta_encoder
 from fl.modeling.train_settings import LoraSettings
-from strategies.lora import A_PART, B_PART, adapter_modules, base_digest, sent_down, update_of
+from strategies.lora import A_PART, B_PART, adapter_modules, update_of
 
 ADAPTER = "default"  # PEFT's name for a model's one adapter
 BASE_LAYER = ".base_layer"
@@ -93,23 +92,6 @@ def save_adapter(model: MultiHeadEncoder, folder: Path, base: str) -> Path:
 def with_adapters(model: MultiHeadEncoder, settings: LoraSettings | None, seed: int) -> MultiHeadEncoder:
     """The model with seeded adapters when ``settings`` asks for them (--peft lora), else as it is."""
     return model if settings is None else add_adapters(model, settings, seed)
-
-
-def load_received(model: MultiHeadEncoder, state: Mapping[str, torch.Tensor], digest: str) -> None:
-    """Load what the server sent of an adapted model (adapters and heads, no base) into this client's own copy,
-    after checking that its base is the server's (``base-digest``) and that the message holds every adapter."""
-    own = model.state_dict()
-    if not hasattr(model, "base_digest"):
-        model.base_digest = base_digest(own)
-    if digest != model.base_digest:
-        raise ModelError(f"this client's base weights (hash {model.base_digest}) differ from the server's (hash {digest or 'none sent'}): expected the same --model files on every node")
-    unknown = next((k for k in state if k not in own), None)
-    if unknown is not None:
-        raise ModelError(f"the server sent '{unknown}', which this client's model with adapters lacks: expected the same --lora-* options on every node")
-    missing = next((k for k in sent_down(own) if k not in state), None)
-    if missing is not None:
-        raise ModelError(f"the server's message lacks '{missing}': expected every adapter and head of the model")
-    model.load_state_dict(state, strict=False)
 
 
 def check_lora(settings: LoraSettings | None, model_path: str) -> None:

@@ -38,7 +38,7 @@ from strategies.flower.records import record_views
 from strategies.flower.replies import ReplyPolicy, check_complete, check_evaluation, check_metrics, check_own_head, client_identity, describe_client
 from strategies.flower.sampling import sample_clients
 from strategies.flower.streaming import InOrderMean, ReplyStream, client_bytes, drop_arrays
-from strategies.lora import base_digest, sent_down
+from strategies.lora import home_digest, sent_down
 from strategies.rules import RuleSetting, check_client
 from strategies.update import ClientUpdate, MergeContext, ServerText
 
@@ -104,7 +104,6 @@ class RuleStrategy(FedAvg):
         self.server_text = settings.server_text
         self.adapter_scale = settings.adapter_scale
         self.embeddings_sent = settings.embeddings_sent
-        self.base_digest = ""  # with adapters: the frozen base's hash, sent so that each client checks its own copy
         self.seed = settings.seed
         self.max_eval_examples = settings.max_eval_examples
         self.first_round = 1  # the real number of Flower's round 1 (k + 1 when resuming after round k)
@@ -173,14 +172,14 @@ class RuleStrategy(FedAvg):
         return self.policy.sending([Message(record, dst_node_id=node, message_type=MessageType.TRAIN) for node in chosen])
 
     def sent_down(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
-        """What the clients receive of the global model: with LoRA adapters, not the frozen base, which each client
-        loads itself and checks against the hash in ``base-digest``."""
-        keys = sent_down(arrays.keys())
+        """What the clients receive of the global model: not the weights that never change (the LoRA base, frozen
+        word embeddings), which each client loads itself and checks against the hash in ``base-digest``, computed
+        from this global model every time so that a merge which moved them is refused rather than ignored."""
+        keys = sent_down(arrays.keys(), embeddings=self.embeddings_sent)
         if len(keys) == len(arrays):
             return arrays
-        if not self.base_digest:
-            self.base_digest = base_digest(self.global_state or arrays.to_torch_state_dict())
-        config["base-digest"] = self.base_digest
+        sent = set(keys)
+        config["base-digest"] = home_digest(record_views(arrays), sent)
         return ArrayRecord({key: arrays[key] for key in keys})
 
     def roll_call(self, grid: Grid, nodes: list[int], server_round: int) -> None:
